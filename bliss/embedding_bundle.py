@@ -1,0 +1,224 @@
+"""The precomputed-embeddings contract: a folder of .npy files the indexer, the evaluation
+harness and the benchmarks all exchange.
+
+::
+
+    dictionary.txt      one entry per line (t lines)
+    dictionary.npy      float32 [t, D]
+    classes.txt         one normal class name per line (N lines)
+    class_text.npy      float32 [N, D]  the class-label prompt embeddings C_i
+    normal.npy          float32 [n, D]  normal image embeddings
+    normal_labels.npy   int [n]         index into classes.txt
+
+Every embedding is L2-normalised on load (a no-op for encoder output). Loading checks
+everything and reports the first problem as one line naming the file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bliss.errors import InvalidInputError, NotFoundError
+
+logger = logging.getLogger(__name__)
+
+FILES = (
+    "dictionary.txt",
+    "dictionary.npy",
+    "classes.txt",
+    "class_text.npy",
+    "normal.npy",
+    "normal_labels.npy",
+)
+
+
+@dataclass(frozen=True)
+class EmbeddingBundle:
+    folder: Path
+    dictionary_texts: list[str]
+    dictionary: np.ndarray  # float32 [t, D] (memory-mapped when no row was dropped)
+    class_names: list[str]
+    class_text: np.ndarray  # float32 [N, D]
+    normal: np.ndarray  # float32 [n, D]
+    normal_labels: np.ndarray  # int64 [n]
+
+    @property
+    def dim(self) -> int:
+        return int(self.dictionary.shape[1])
+
+    def class_members(self, position: int) -> np.ndarray:
+        return self.normal[self.normal_labels == position]
+
+
+def load_bundle(folder: Path) -> EmbeddingBundle:
+    """Load and validate a bundle folder; InvalidInputError/NotFoundError name the problem."""
+    if not folder.is_dir():
+        raise NotFoundError(f"embeddings folder {folder} does not exist")
+    missing = [name for name in FILES if not (folder / name).is_file()]
+    if missing:
+        raise NotFoundError(
+            f"embeddings folder {folder} lacks {', '.join(missing)} "
+            f"(expected files: {', '.join(FILES)})"
+        )
+    class_names = _read_lines(folder / "classes.txt")
+    _reject_duplicate_classes(class_names, folder / "classes.txt")
+    class_text = _load_matrix(folder / "class_text.npy", rows=len(class_names), what="classes.txt")
+    dim = class_text.shape[1]
+    texts = _read_lines(folder / "dictionary.txt")
+    dictionary = _load_matrix(
+        folder / "dictionary.npy", rows=len(texts), what="dictionary.txt", dim=dim
+    )
+    normal = _load_matrix(folder / "normal.npy", rows=None, what=None, dim=dim)
+    labels = _load_labels(folder / "normal_labels.npy", len(normal), len(class_names))
+    _reject_empty_classes(labels, class_names, folder)
+    texts, dictionary = _drop_duplicate_entries(texts, dictionary, folder / "dictionary.txt")
+    if not _is_unit_norm(dictionary):
+        # Normalising needs the whole matrix in memory; encoder output never gets here.
+        logger.warning("%s: rows are not L2-normalised; normalising in memory", folder)
+        dictionary = _unit_rows(dictionary)
+    return EmbeddingBundle(
+        folder=folder,
+        dictionary_texts=texts,
+        dictionary=dictionary,
+        class_names=class_names,
+        class_text=_unit_rows(class_text),
+        normal=_unit_rows(normal),
+        normal_labels=labels,
+    )
+
+
+def write_bundle(
+    folder: Path,
+    *,
+    dictionary_texts: Sequence[str],
+    dictionary: np.ndarray,
+    class_names: Sequence[str],
+    class_text: np.ndarray,
+    normal: np.ndarray,
+    normal_labels: np.ndarray,
+) -> None:
+    """Write a bundle (used by evaluation caches, benchmarks and tests)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "dictionary.txt").write_text("".join(f"{t}\n" for t in dictionary_texts), "utf-8")
+    (folder / "classes.txt").write_text("".join(f"{c}\n" for c in class_names), "utf-8")
+    np.save(folder / "dictionary.npy", np.asarray(dictionary, dtype=np.float32))
+    np.save(folder / "class_text.npy", np.asarray(class_text, dtype=np.float32))
+    np.save(folder / "normal.npy", np.asarray(normal, dtype=np.float32))
+    np.save(folder / "normal_labels.npy", np.asarray(normal_labels, dtype=np.int64))
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        lines = path.read_text("utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise InvalidInputError(f"{path} is not UTF-8 text: {error}") from None
+    blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
+    if blank:
+        raise InvalidInputError(f"{path} line {blank[0]} is empty: every line must be one entry")
+    if not lines:
+        raise InvalidInputError(f"{path} is empty")
+    return [line.strip() for line in lines]
+
+
+def _load_matrix(
+    path: Path, *, rows: int | None, what: str | None, dim: int | None = None
+) -> np.ndarray:
+    try:
+        matrix = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as error:
+        raise InvalidInputError(f"{path} is not a numeric .npy array: {error}") from None
+    if matrix.ndim != 2 or matrix.shape[0] == 0:
+        raise InvalidInputError(f"{path} has shape {matrix.shape}, expected a non-empty 2-D array")
+    if not np.issubdtype(matrix.dtype, np.floating):
+        raise InvalidInputError(f"{path} has dtype {matrix.dtype}, expected float32")
+    if rows is not None and matrix.shape[0] != rows:
+        raise InvalidInputError(f"{path} has {matrix.shape[0]} rows but {what} has {rows} lines")
+    if dim is not None and matrix.shape[1] != dim:
+        raise InvalidInputError(
+            f"{path} has dimension {matrix.shape[1]} but class_text.npy has {dim}: "
+            "all embeddings must come from the same model"
+        )
+    _reject_bad_rows(matrix, path)
+    return matrix
+
+
+def _reject_bad_rows(matrix: np.ndarray, path: Path, chunk_rows: int = 262_144) -> None:
+    for start in range(0, matrix.shape[0], chunk_rows):
+        block = np.asarray(matrix[start : start + chunk_rows], dtype=np.float32)
+        bad = ~np.isfinite(block).all(axis=1) | ~block.any(axis=1)
+        if bad.any():
+            row = start + int(np.flatnonzero(bad)[0])
+            raise InvalidInputError(f"{path} row {row} contains NaN, inf or only zeros")
+
+
+def _is_unit_norm(matrix: np.ndarray, chunk_rows: int = 262_144) -> bool:
+    for start in range(0, matrix.shape[0], chunk_rows):
+        block = np.asarray(matrix[start : start + chunk_rows], dtype=np.float32)
+        if np.abs(np.linalg.norm(block, axis=1) - 1.0).max() > 1e-4:
+            return False
+    return True
+
+
+def _load_labels(path: Path, count: int, classes: int) -> np.ndarray:
+    try:
+        labels = np.load(path, allow_pickle=False)
+    except ValueError as error:
+        raise InvalidInputError(f"{path} is not a numeric .npy array: {error}") from None
+    if labels.ndim != 1 or labels.shape[0] != count:
+        raise InvalidInputError(
+            f"{path} has shape {labels.shape}, expected [{count}] (one per normal.npy row)"
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise InvalidInputError(f"{path} has dtype {labels.dtype}, expected integers")
+    outside = np.flatnonzero((labels < 0) | (labels >= classes))
+    if len(outside):
+        row = int(outside[0])
+        raise InvalidInputError(
+            f"{path} row {row} is label {int(labels[row])}, outside 0..{classes - 1} (classes.txt)"
+        )
+    return labels.astype(np.int64)
+
+
+def _reject_duplicate_classes(names: list[str], path: Path) -> None:
+    seen: dict[str, int] = {}
+    for line, name in enumerate(names, start=1):
+        if name in seen:
+            raise InvalidInputError(
+                f"{path} lists class {name!r} twice (lines {seen[name]} and {line})"
+            )
+        seen[name] = line
+
+
+def _reject_empty_classes(labels: np.ndarray, names: list[str], folder: Path) -> None:
+    counts = np.bincount(labels, minlength=len(names))
+    empty = [names[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise InvalidInputError(
+            f"class {empty[0]!r} has no normal images in {folder / 'normal_labels.npy'}: "
+            "every class needs at least one"
+        )
+
+
+def _drop_duplicate_entries(
+    texts: list[str], dictionary: np.ndarray, path: Path
+) -> tuple[list[str], np.ndarray]:
+    first: dict[str, int] = {}
+    for row, text in enumerate(texts):
+        first.setdefault(text, row)
+    if len(first) == len(texts):
+        return texts, dictionary
+    keep = np.array(sorted(first.values()))
+    logger.warning(
+        "%s: %d duplicate entries dropped (first occurrence kept)", path, len(texts) - len(keep)
+    )
+    return [texts[i] for i in keep], np.asarray(dictionary[keep])
+
+
+def _unit_rows(matrix: np.ndarray) -> np.ndarray:
+    array = np.asarray(matrix, dtype=np.float32)
+    return array / np.linalg.norm(array, axis=1, keepdims=True)

@@ -1,0 +1,165 @@
+"""The store's tables as typed SQLAlchemy ORM classes.
+
+These classes describe the schema; the schema itself is created by the Alembic
+migrations in ``bliss.migrations`` (the migrations together mirror this module exactly, and a test
+checks there is no drift). Arrays are stored as little-endian bytes; every float column
+is double precision on both SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    CheckConstraint,
+    DateTime,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Explicit constraint names: Alembic's batch mode on SQLite and downgrades need them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+VERSION_STATES = ("building", "ready", "active", "retired")
+ACTIVE_STATE_CLAUSE = "state = 'active'"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {  # noqa: RUF012 (SQLAlchemy reads this class attribute)
+        float: Double(),
+        datetime: DateTime(timezone=True),
+        bytes: LargeBinary(),
+    }
+
+
+class IndexVersion(Base):
+    """One build of a named index: model, dictionary, FAISS file and defaults."""
+
+    __tablename__ = "index_versions"
+    __table_args__ = (
+        UniqueConstraint("name", "version"),
+        CheckConstraint(
+            "state IN ({})".format(", ".join(f"'{state}'" for state in VERSION_STATES)),
+            name="state",
+        ),
+        CheckConstraint("version >= 1", name="version_positive"),
+        # At most one active version per name, enforced by the database itself.
+        Index(
+            "ux_index_versions_active_name",
+            "name",
+            unique=True,
+            sqlite_where=text(ACTIVE_STATE_CLAUSE),
+            postgresql_where=text(ACTIVE_STATE_CLAUSE),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    version: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    model_name: Mapped[str] = mapped_column(String(200))
+    model_weights: Mapped[str] = mapped_column(Text)
+    model_checksum: Mapped[str | None] = mapped_column(String(64))
+    embedding_dim: Mapped[int] = mapped_column(Integer)
+    prompt_template: Mapped[str] = mapped_column(Text)
+    dictionary_source: Mapped[str] = mapped_column(Text)
+    dictionary_size: Mapped[int] = mapped_column(Integer)
+    faiss_path: Mapped[str] = mapped_column(Text)
+    faiss_kind: Mapped[str] = mapped_column(String(200))
+    faiss_checksum: Mapped[str | None] = mapped_column(String(64))
+    default_k: Mapped[int] = mapped_column(Integer)
+    default_lambda: Mapped[float]
+    eps: Mapped[float]
+    build_fingerprint: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    ready_at: Mapped[datetime | None]
+    activated_at: Mapped[datetime | None]
+
+
+class NormalClass(Base):
+    """A normal class of a version: label embedding, eq. 4 statistics, running moments."""
+
+    __tablename__ = "normal_classes"
+    __table_args__ = (
+        UniqueConstraint("version_id", "position"),
+        UniqueConstraint("version_id", "name"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("index_versions.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(Text)
+    prompt: Mapped[str] = mapped_column(Text)
+    label_embedding: Mapped[bytes]  # float32 [D], little-endian
+    label_mean: Mapped[float]
+    label_std: Mapped[float]
+    sample_count: Mapped[int] = mapped_column(Integer)
+    moment_sum: Mapped[bytes]  # float64 [D], little-endian
+    moment_outer: Mapped[bytes]  # float64 [D, D], little-endian, row-major
+
+
+class DictionaryEntry(Base):
+    """A dictionary entry's text; its position is its FAISS id."""
+
+    __tablename__ = "dictionary_entries"
+    __table_args__ = {"sqlite_with_rowid": False}  # noqa: RUF012 (clustered on the key)
+
+    version_id: Mapped[int] = mapped_column(
+        ForeignKey("index_versions.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    text: Mapped[str] = mapped_column(Text)
+
+
+class EntryStatistic(Base):
+    """Eq. 8 for one (class, entry): mean and std of sim(normal image, entry).
+
+    The key starts with the entry so that gathering the statistics of a few entries for
+    all classes is a primary-key range scan.
+    """
+
+    __tablename__ = "entry_statistics"
+    __table_args__ = {"sqlite_with_rowid": False}  # noqa: RUF012 (clustered on the key)
+
+    version_id: Mapped[int] = mapped_column(
+        ForeignKey("index_versions.id", ondelete="CASCADE"), primary_key=True
+    )
+    entry_position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    class_position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    mean: Mapped[float]
+    std: Mapped[float]
+
+
+class CalibrationScores(Base):
+    """Sorted scores of a version's held-out normal images in one scoring mode.
+
+    ``k`` and ``lam`` are the settings the scores were computed with (the version's
+    defaults); ic and ic_raw scores do not depend on them.
+    """
+
+    __tablename__ = "calibration_scores"
+
+    version_id: Mapped[int] = mapped_column(
+        ForeignKey("index_versions.id", ondelete="CASCADE"), primary_key=True
+    )
+    mode: Mapped[str] = mapped_column(String(16), primary_key=True)
+    k: Mapped[int] = mapped_column(Integer)
+    lam: Mapped[float]
+    sample_count: Mapped[int] = mapped_column(Integer)
+    sorted_scores: Mapped[bytes]  # float64 [sample_count], ascending, little-endian

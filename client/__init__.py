@@ -1,0 +1,1 @@
+"""The bliss client: a Python SDK and the command-line client."""

@@ -1,0 +1,300 @@
+"""The build pipeline: stages from inputs to a ready (and optionally active) index version.
+
+A build is identified by a fingerprint of its inputs and options. Running it again finds
+the version with that fingerprint: a finished one is left alone, an unfinished one
+(state ``building``) resumes from the files its workspace already holds. Store writes
+are one transaction per table (per class for the statistics), and the version only
+becomes ``ready`` once every row is there, so the server never sees half a version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from bliss.calibration import Calibration, holdout_split
+from bliss.class_statistics import ClassMoments, StatisticsPath, class_statistics
+from bliss.dictionary_index import IndexOptions, build_index
+from bliss.encoders import format_prompt
+from bliss.errors import InvalidInputError
+from bliss.indexer.build_inputs import BuildInputs
+from bliss.indexer.workspace import BuildWorkspace
+from bliss.scoring import DEFAULT_EPS, DEFAULT_K, DEFAULT_LAMBDA, ScoringMode
+from bliss.store import ClassRecord, Store, VersionRecord, VersionState
+from bliss.version_loader import load_scorer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What the store records about the model that produced the embeddings."""
+
+    name: str
+    weights: str = ""
+    checksum: str | None = None
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    name: str
+    model: ModelIdentity
+    dictionary_source: str
+    prompt_template: str
+    index: IndexOptions = field(default_factory=IndexOptions)
+    statistics_path: StatisticsPath = StatisticsPath.AUTO
+    default_k: int = DEFAULT_K
+    default_lambda: float = DEFAULT_LAMBDA
+    eps: float = DEFAULT_EPS
+    calibration_fraction: float = 0.0
+
+    def fingerprint(self, inputs_fingerprint: str) -> str:
+        """Everything that changes the result; the statistics path does not (both exact)."""
+        identity = asdict(self)
+        identity.pop("statistics_path")
+        identity["inputs"] = inputs_fingerprint
+        return hashlib.sha256(
+            json.dumps(identity, sort_keys=True, default=str).encode()
+        ).hexdigest()
+
+
+@dataclass(frozen=True)
+class BuildOutcome:
+    version: VersionRecord
+    built: bool  # False when an identical finished version already existed
+    stage_seconds: dict[str, float]
+
+
+def build_version(
+    store: Store,
+    data_dir: Path,
+    inputs: BuildInputs,
+    options: BuildOptions,
+    *,
+    activate: bool = False,
+    keep_workspace: bool = False,
+) -> BuildOutcome:
+    """Run (or resume, or skip) the build of one index version."""
+    fingerprint = options.fingerprint(inputs.fingerprint())
+    existing = store.find_version_by_fingerprint(options.name, fingerprint)
+    if existing is not None and existing.state is not VersionState.BUILDING:
+        logger.info(
+            "%s already holds these inputs (%s): nothing to build",
+            existing.label,
+            existing.state.value,
+        )
+        if activate and existing.state is not VersionState.ACTIVE:
+            existing = store.activate(existing.id)
+            logger.info("activated %s", existing.label)
+        return BuildOutcome(existing, built=False, stage_seconds={})
+
+    workspace = BuildWorkspace.for_build(data_dir, options.name, fingerprint)
+    build = _Build(store, data_dir, inputs, options, workspace)
+    version = existing or build.create_version(fingerprint)
+    if existing is not None:
+        logger.info("resuming the build of %s from %s", version.label, workspace.root)
+    version = build.run(version)
+    if activate:
+        version = store.activate(version.id)
+        logger.info("activated %s", version.label)
+    if not keep_workspace:
+        workspace.remove()
+    return BuildOutcome(version, built=True, stage_seconds=build.stage_seconds)
+
+
+class _Build:
+    def __init__(
+        self,
+        store: Store,
+        data_dir: Path,
+        inputs: BuildInputs,
+        options: BuildOptions,
+        workspace: BuildWorkspace,
+    ) -> None:
+        self.store = store
+        self.data_dir = data_dir
+        self.inputs = inputs
+        self.options = options
+        self.workspace = workspace
+        self.stage_seconds: dict[str, float] = {}
+
+    def create_version(self, fingerprint: str) -> VersionRecord:
+        options = self.options
+        with self._stage("dictionary entries"):
+            size = self.inputs.dictionary_size(self.workspace)
+        version = self.store.create_version(
+            name=options.name,
+            model_name=options.model.name,
+            model_weights=options.model.weights,
+            model_checksum=options.model.checksum,
+            embedding_dim=self.inputs.embedding_dim,
+            prompt_template=options.prompt_template,
+            dictionary_source=options.dictionary_source,
+            dictionary_size=size,
+            faiss_path="",
+            faiss_kind=options.index.kind.value,
+            default_k=options.default_k,
+            default_lambda=options.default_lambda,
+            eps=options.eps,
+            build_fingerprint=fingerprint,
+        )
+        logger.info(
+            "building %s (%d dictionary entries) in %s", version.label, size, self.workspace.root
+        )
+        return version
+
+    def run(self, version: VersionRecord) -> VersionRecord:
+        with self._stage("dictionary embeddings"):
+            texts, dictionary = self.inputs.dictionary(self.workspace)
+        if dictionary.shape[0] != version.dictionary_size:
+            raise InvalidInputError(
+                f"the dictionary has {dictionary.shape[0]} embeddings "
+                f"for {version.dictionary_size} entries"
+            )
+        with self._stage("faiss index"):
+            self._write_faiss(version, dictionary)
+        with self._stage("normal embeddings"):
+            for position in range(len(self.inputs.class_names)):
+                self.inputs.class_embeddings(self.workspace, position)
+        with self._stage("class statistics"):
+            records = self._class_statistics(dictionary)
+        with self._stage("store rows"):
+            self._write_store(version, texts, records)
+        if self.options.calibration_fraction > 0:
+            with self._stage("calibration"):
+                self._calibrate(version)
+        version = self.store.mark_ready(version.id)
+        logger.info("%s is ready", version.label)
+        return version
+
+    def _write_faiss(self, version: VersionRecord, dictionary: np.ndarray) -> None:
+        relative = Path("indexes") / self.options.name / f"v{version.version}.faiss"
+        target = self.data_dir / relative
+        if self.workspace.has("faiss.sha256") and target.is_file():
+            logger.info("FAISS index %s already written", target)
+            return
+        with tqdm(total=dictionary.shape[0], desc="index dictionary", unit="entry") as progress:
+            index = build_index(dictionary, self.options.index, on_progress=progress.update)
+        checksum = index.save(target)
+        self.store.set_faiss_file(
+            version.id, path=str(relative), kind=self.options.index.kind.value, checksum=checksum
+        )
+        self.workspace.save_lines(iter([checksum]), "faiss.sha256")
+
+    def _class_statistics(self, dictionary: np.ndarray) -> list[ClassRecord]:
+        names = self.inputs.class_names
+        labels = self.inputs.label_embeddings(self.workspace)
+        _check_dimension("class prompt embeddings", labels, dictionary.shape[1])
+        records = []
+        for position, name in enumerate(tqdm(names, desc="class statistics", unit="class")):
+            file = f"class_{position:05d}.npz"
+            if not self.workspace.has("statistics", file):
+                self.workspace.save_arrays(
+                    self._one_class(position, labels[position], dictionary), "statistics", file
+                )
+            records.append(self._class_record(position, name, labels[position], file))
+        return records
+
+    def _one_class(
+        self, position: int, label: np.ndarray, dictionary: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        normal = self.inputs.class_embeddings(self.workspace, position)
+        _check_dimension(
+            f"normal embeddings of {self.inputs.class_names[position]!r}",
+            normal,
+            dictionary.shape[1],
+        )
+        kept, held_out = holdout_split(len(normal), self.options.calibration_fraction, position)
+        moments = ClassMoments.of(normal[kept])
+        stats = class_statistics(
+            label, dictionary, moments, normal[kept], path=self.options.statistics_path
+        )
+        logger.debug("class %d: %d images, %s path", position, moments.count, stats.path.value)
+        return {
+            "label_mean": np.float64(stats.label_mean),
+            "label_std": np.float64(stats.label_std),
+            "entry_mean": stats.entry_mean,
+            "entry_std": stats.entry_std,
+            "count": np.int64(moments.count),
+            "moment_sum": moments.total,
+            "moment_outer": moments.outer,
+            "held_out": normal[held_out],
+        }
+
+    def _class_record(self, position: int, name: str, label: np.ndarray, file: str) -> ClassRecord:
+        arrays = self.workspace.load_arrays("statistics", file)
+        return ClassRecord(
+            position=position,
+            name=name,
+            prompt=format_prompt(self.options.prompt_template, name),
+            label_embedding=np.asarray(label, dtype=np.float32),
+            label_mean=float(arrays["label_mean"]),
+            label_std=float(arrays["label_std"]),
+            sample_count=int(arrays["count"]),
+            moment_sum=arrays["moment_sum"],
+            moment_outer=arrays["moment_outer"],
+        )
+
+    def _write_store(
+        self, version: VersionRecord, texts: Iterator[str], records: list[ClassRecord]
+    ) -> None:
+        store = self.store
+        if store.count_entries(version.id) != version.dictionary_size:
+            store.write_entries(version.id, texts)
+        store.write_classes(version.id, records)
+        for record in tqdm(records, desc="store statistics", unit="class"):
+            if store.count_entry_statistics(version.id, record.position) == version.dictionary_size:
+                continue
+            arrays = self.workspace.load_arrays("statistics", f"class_{record.position:05d}.npz")
+            store.write_entry_statistics(
+                version.id, record.position, arrays["entry_mean"], arrays["entry_std"]
+            )
+
+    def _calibrate(self, version: VersionRecord) -> None:
+        """Score the held-out normal images in every mode; store their sorted scores."""
+        if self.store.load_calibration(version.id) is not None:
+            return
+        held_out = np.concatenate(
+            [
+                self.workspace.load_arrays("statistics", f"class_{position:05d}.npz")["held_out"]
+                for position in range(len(self.inputs.class_names))
+            ]
+        )
+        if len(held_out) == 0:
+            raise InvalidInputError(
+                "--calibration-fraction held out no image: every class is too small; "
+                "use a larger fraction or more normal images"
+            )
+        scorer = load_scorer(self.store, self.store.get_version_by_id(version.id), self.data_dir)
+        options = self.options
+        calibration = Calibration(
+            k=options.default_k,
+            lam=options.default_lambda,
+            sorted_scores={
+                mode: np.sort(scorer.score(held_out, mode=mode).score) for mode in ScoringMode
+            },
+        )
+        self.store.write_calibration(version.id, calibration)
+        logger.info("calibrated on %d held-out normal images", len(held_out))
+
+    @contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.perf_counter() - started
+
+
+def _check_dimension(what: str, embeddings: np.ndarray, dim: int) -> None:
+    if embeddings.ndim != 2 or embeddings.shape[1] != dim:
+        raise InvalidInputError(
+            f"{what} have shape {embeddings.shape}, the dictionary dimension is {dim}"
+        )
