@@ -131,15 +131,15 @@ class EntryStatistic(Base):
     """Eq. 8 for one (class, entry): mean and std of sim(normal image, entry).
 
     The key starts with the entry so that gathering the statistics of a few entries for
-    all classes is a primary-key range scan.
+    all classes is a primary-key range scan. There is deliberately no foreign key to
+    index_versions: PostgreSQL would check it once per bulk-loaded row (most of the load
+    time); :meth:`Store.delete_version` deletes these rows itself.
     """
 
     __tablename__ = "entry_statistics"
     __table_args__ = {"sqlite_with_rowid": False}  # noqa: RUF012 (clustered on the key)
 
-    version_id: Mapped[int] = mapped_column(
-        ForeignKey("index_versions.id", ondelete="CASCADE"), primary_key=True
-    )
+    version_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     entry_position: Mapped[int] = mapped_column(Integer, primary_key=True)
     class_position: Mapped[int] = mapped_column(Integer, primary_key=True)
     mean: Mapped[float]

@@ -368,6 +368,7 @@ class Store:
                     f"index {_label(row)} is active and cannot be deleted: activate another "
                     "version of it first"
                 )
+            session.execute(delete(EntryStatistic).where(EntryStatistic.version_id == version_id))
             session.execute(delete(IndexVersion).where(IndexVersion.id == version_id))
 
     # ------------------------------------------------------------------ classes
