@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "bliss.indexer.commands",
     "bliss.client.commands",
     "bliss.store.commands",
+    "bliss.evaluation.commands",
 )
 
 

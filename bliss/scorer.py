@@ -13,7 +13,6 @@ import numpy as np
 
 from bliss.calibration import Calibration
 from bliss.class_statistics import StatisticsTable
-from bliss.dictionary_index import DictionaryIndex
 from bliss.errors import InvalidInputError
 from bliss.scoring import (
     DEFAULT_EPS,
@@ -23,6 +22,20 @@ from bliss.scoring import (
     ScoringMode,
     score_batch,
 )
+
+
+class DictionarySearch(Protocol):
+    """The eq. 7 top-K search: a DictionaryIndex, or anything that answers like one."""
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def ntotal(self) -> int: ...
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Similarities [B, k] and ids int64 [B, k], most similar first."""
+        ...
 
 
 class EntryStatisticsSource(Protocol):
@@ -92,7 +105,7 @@ class Scorer:
     def __init__(
         self,
         *,
-        index: DictionaryIndex,
+        index: DictionarySearch,
         classes: NormalClasses,
         statistics: EntryStatisticsSource,
         texts: EntryTextSource,
@@ -117,7 +130,7 @@ class Scorer:
     def from_arrays(
         cls,
         *,
-        index: DictionaryIndex,
+        index: DictionarySearch,
         entry_texts: list[str],
         class_names: list[str],
         label_embeddings: np.ndarray,
