@@ -8,7 +8,6 @@ temporary name, fsynced and renamed, so a crash never leaves a torn index behind
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from bliss.checksums import file_sha256
 from bliss.errors import InvalidInputError, NotFoundError
 
 if TYPE_CHECKING:
@@ -202,14 +202,6 @@ class DictionaryIndex:
                 )
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if memory_map else 0
         return cls(faiss.read_index(str(path), flags), kind)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_matrix(embeddings: np.ndarray) -> tuple[int, int]:

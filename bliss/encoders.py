@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import hashlib
 import logging
 import os
 import socket
@@ -21,6 +20,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from bliss.checksums import file_sha256
 from bliss.errors import InvalidInputError, WeightsUnavailableError
 
 if TYPE_CHECKING:
@@ -161,11 +161,7 @@ def _clean_tag(tag: str) -> str:
 @functools.lru_cache(maxsize=16)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     # size and mtime are part of the cache key so a replaced file is hashed again.
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def _existing_checkpoint(path: Path) -> Path:

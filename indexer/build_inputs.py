@@ -1,9 +1,10 @@
 """What a build reads: a folder of class image folders, or a precomputed-embeddings bundle.
 
 Both give the pipeline the same four things: the class names, the class-label prompt
-embeddings, the dictionary (texts and embeddings) and each class's normal embeddings.
-The image source encodes them with the model, chunk by chunk into the build workspace,
-so a killed build re-encodes nothing it already finished.
+embeddings, the dictionary (texts and an embeddings file) and a file of each class's
+normal embeddings. Files, not arrays, so that Ray workers can read them too. The image
+source encodes them with the model, chunk by chunk into the build workspace, so a killed
+build re-encodes nothing it already finished.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 from tqdm import tqdm
 
+from bliss.checksums import file_sha256
 from bliss.embedding_bundle import EmbeddingBundle
 from bliss.errors import InvalidInputError, NotFoundError
 from bliss.indexer.workspace import BuildWorkspace
 
 if TYPE_CHECKING:
     from bliss.dictionaries import Dictionary
-    from bliss.encoders import ClipEncoder
+    from bliss.indexer.executors import ChunkEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +54,24 @@ class BuildInputs(Protocol):
         """The number of (de-duplicated) dictionary entries t."""
         ...
 
-    def dictionary(self, workspace: BuildWorkspace) -> tuple[Iterator[str], np.ndarray]:
-        """The dictionary's texts (streamed, by position) and embeddings [t, D]."""
+    def dictionary_texts(self, workspace: BuildWorkspace) -> Iterator[str]:
+        """The dictionary's texts, streamed, by position."""
+        ...
+
+    def dictionary_file(self, workspace: BuildWorkspace) -> Path:
+        """An .npy file of the dictionary's unit-norm float32 embeddings [t, D]."""
         ...
 
     def label_embeddings(self, workspace: BuildWorkspace) -> np.ndarray:
         """The class-label prompt embeddings C_i, float32 [N, D]."""
         ...
 
-    def class_embeddings(self, workspace: BuildWorkspace, position: int) -> np.ndarray:
-        """Normal image embeddings of class ``position``, float32 [n_i, D]."""
+    def class_embeddings_file(self, workspace: BuildWorkspace, position: int) -> Path:
+        """An .npy file of class ``position``'s normal image embeddings, float32 [n_i, D]."""
+        ...
+
+    def release_encoder(self) -> None:
+        """Free the model once everything is encoded (a no-op when there is none)."""
         ...
 
 
@@ -79,7 +89,7 @@ class BundleInputs:
         digest = hashlib.sha256()
         for name in sorted(p.name for p in self.bundle.folder.iterdir() if p.is_file()):
             digest.update(name.encode())
-            digest.update(_file_sha256(self.bundle.folder / name).encode())
+            digest.update(file_sha256(self.bundle.folder / name).encode())
         return digest.hexdigest()
 
     @property
@@ -89,14 +99,29 @@ class BundleInputs:
     def dictionary_size(self, workspace: BuildWorkspace) -> int:
         return len(self.bundle.dictionary_texts)
 
-    def dictionary(self, workspace: BuildWorkspace) -> tuple[Iterator[str], np.ndarray]:
-        return iter(self.bundle.dictionary_texts), self.bundle.dictionary
+    def dictionary_texts(self, workspace: BuildWorkspace) -> Iterator[str]:
+        return iter(self.bundle.dictionary_texts)
+
+    def dictionary_file(self, workspace: BuildWorkspace) -> Path:
+        dictionary = self.bundle.dictionary
+        # Still the memory map of the bundle's own file: nothing was dropped or normalised.
+        if isinstance(dictionary, np.memmap) and dictionary.dtype == np.float32:
+            return Path(dictionary.filename)
+        if not workspace.has("dictionary.npy"):
+            workspace.save_array(np.asarray(dictionary, dtype=np.float32), "dictionary.npy")
+        return workspace.path("dictionary.npy")
 
     def label_embeddings(self, workspace: BuildWorkspace) -> np.ndarray:
         return self.bundle.class_text
 
-    def class_embeddings(self, workspace: BuildWorkspace, position: int) -> np.ndarray:
-        return self.bundle.class_members(position)
+    def class_embeddings_file(self, workspace: BuildWorkspace, position: int) -> Path:
+        name = f"class_{position:05d}.npy"
+        if not workspace.has("normals", name):
+            workspace.save_array(self.bundle.class_members(position), "normals", name)
+        return workspace.path("normals", name)
+
+    def release_encoder(self) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -134,7 +159,7 @@ class ImageFolderInputs:
         self,
         classes: list[ImageClass],
         dictionary: Dictionary,
-        load_encoder: Callable[[], ClipEncoder],
+        load_encoder: Callable[[], ChunkEncoder],
         prompt_template: str,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
@@ -151,7 +176,7 @@ class ImageFolderInputs:
         return [c.name for c in self.classes]
 
     @cached_property
-    def encoder(self) -> ClipEncoder:
+    def encoder(self) -> ChunkEncoder:
         return self._load_encoder()
 
     def fingerprint(self) -> str:
@@ -172,22 +197,21 @@ class ImageFolderInputs:
         self._write_texts(workspace)
         return sum(1 for _ in workspace.iter_lines("dictionary.txt"))
 
-    def dictionary(self, workspace: BuildWorkspace) -> tuple[Iterator[str], np.ndarray]:
+    def dictionary_texts(self, workspace: BuildWorkspace) -> Iterator[str]:
         self._write_texts(workspace)
+        return workspace.iter_lines("dictionary.txt")
+
+    def dictionary_file(self, workspace: BuildWorkspace) -> Path:
         if not workspace.has("dictionary.npy"):
-            texts = list(workspace.iter_lines("dictionary.txt"))
             embeddings = self._encode_in_chunks(
                 workspace,
                 "dictionary_chunks",
-                texts,
-                self.chunk_size,
-                lambda chunk: self.encoder.encode_prompts(chunk, self.prompt_template),
+                list(self.dictionary_texts(workspace)),
+                lambda chunks: self.encoder.encode_prompts(chunks, self.prompt_template),
                 "encode dictionary",
             )
             workspace.save_array(embeddings, "dictionary.npy")
-        return workspace.iter_lines("dictionary.txt"), workspace.load_array(
-            "dictionary.npy", mmap=True
-        )
+        return workspace.path("dictionary.npy")
 
     def _write_texts(self, workspace: BuildWorkspace) -> None:
         """Freeze the dictionary's entries once, so every stage sees the same positions."""
@@ -196,38 +220,41 @@ class ImageFolderInputs:
 
     def label_embeddings(self, workspace: BuildWorkspace) -> np.ndarray:
         if not workspace.has("labels.npy"):
-            labels = self.encoder.encode_prompts(self.class_names, self.prompt_template)
+            (labels,) = self.encoder.encode_prompts([self.class_names], self.prompt_template)
             workspace.save_array(labels, "labels.npy")
         return workspace.load_array("labels.npy")
 
-    def class_embeddings(self, workspace: BuildWorkspace, position: int) -> np.ndarray:
-        target = f"class_{position:05d}.npy"
-        if not workspace.has("normals", target):
+    def class_embeddings_file(self, workspace: BuildWorkspace, position: int) -> Path:
+        name = f"class_{position:05d}.npy"
+        if not workspace.has("normals", name):
             image_class = self.classes[position]
             embeddings = self._encode_in_chunks(
                 workspace,
                 f"normals/class_{position:05d}_chunks",
                 list(image_class.files),
-                self.chunk_size,
                 self.encoder.encode_images,
                 f"encode {image_class.name!r}",
             )
-            workspace.save_array(embeddings, "normals", target)
-        return workspace.load_array("normals", target)
+            workspace.save_array(embeddings, "normals", name)
+        return workspace.path("normals", name)
+
+    def release_encoder(self) -> None:
+        encoder = self.__dict__.pop("encoder", None)  # only if the cached property ran
+        if encoder is not None:
+            encoder.close()
 
     def _encode_in_chunks(
         self,
         workspace: BuildWorkspace,
         folder: str,
         items: Sequence,
-        chunk_size: int,
-        encode: Callable[[Sequence], np.ndarray],
+        encode: Callable[[list[Sequence]], Iterator[np.ndarray]],
         description: str,
     ) -> np.ndarray:
         """Encode ``items`` chunk by chunk, skipping chunks a previous run already wrote."""
+        size = self.chunk_size
         chunks = {
-            f"{i:06d}.npy": items[s : s + chunk_size]
-            for i, s in enumerate(range(0, len(items), chunk_size))
+            f"{i:06d}.npy": items[s : s + size] for i, s in enumerate(range(0, len(items), size))
         }
         done = {name for name in chunks if workspace.has(folder, name)}
         if done:
@@ -235,11 +262,12 @@ class ImageFolderInputs:
                 "%s: resuming, %d of %d chunks already encoded", description, len(done), len(chunks)
             )
         already = sum(len(chunks[name]) for name in done)
+        pending = [name for name in chunks if name not in done]
         with tqdm(total=len(items), initial=already, desc=description, unit="item") as progress:
-            for name, chunk in chunks.items():
-                if name not in done:
-                    workspace.save_array(encode(chunk), folder, name)
-                    progress.update(len(chunk))
+            encoded = encode([chunks[name] for name in pending])
+            for name, embeddings in zip(pending, encoded, strict=True):
+                workspace.save_array(embeddings, folder, name)
+                progress.update(len(chunks[name]))
         return np.concatenate([workspace.load_array(folder, name) for name in chunks])
 
 
@@ -283,11 +311,3 @@ def _read_class_map(path: Path) -> dict[str, str]:
             raise InvalidInputError(f"{path} line {number}: expected 'folder<TAB>label'")
         mapping[folder.strip()] = label.strip()
     return mapping
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -18,6 +18,7 @@ from bliss.settings import StoreSettings, add_store_arguments, settings_from_arg
 if TYPE_CHECKING:
     from bliss.encoders import ModelSpec
     from bliss.indexer.build_inputs import BuildInputs
+    from bliss.indexer.executors import Executor
     from bliss.indexer.pipeline import BuildOptions
     from bliss.store import Store, VersionRecord
 
@@ -120,6 +121,27 @@ def _register_build(actions: argparse._SubParsersAction) -> None:
         metavar="F",
         help="hold out this share of each class's normal images to calibrate normal_quantile",
     )
+    backend = build.add_argument_group("execution")
+    backend.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        default="local",
+        help="run encoding and statistics in this process, or on a Ray cluster",
+    )
+    backend.add_argument(
+        "--ray-address", help="Ray cluster address (env RAY_ADDRESS; default: start a local one)"
+    )
+    backend.add_argument(
+        "--ray-gpus-per-encoder",
+        type=float,
+        default=0.0,
+        help="GPUs each Ray encoder actor reserves (0: CPU encoders)",
+    )
+    backend.add_argument(
+        "--ray-encoders",
+        type=int,
+        help="encoder actors (default: one per GPU when they use GPUs, else one per node)",
+    )
     build.add_argument("--activate", action="store_true", help="make the version active when ready")
     build.add_argument("--keep-workspace", action="store_true", help="keep intermediate files")
     add_store_arguments(build)
@@ -131,7 +153,8 @@ def run_build(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(StoreSettings, args)
     _check_name(args.name)
-    inputs, options = _inputs_and_options(args)
+    executor = _executor(args)
+    inputs, options = _inputs_and_options(args, executor)
     with _open_store(settings) as store:
         outcome = build_version(
             store,
@@ -140,6 +163,7 @@ def run_build(args: argparse.Namespace) -> int:
             options,
             activate=args.activate,
             keep_workspace=args.keep_workspace,
+            executor=executor,
         )
     version = outcome.version
     print(
@@ -154,7 +178,19 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inputs_and_options(args: argparse.Namespace) -> tuple[BuildInputs, BuildOptions]:
+def _executor(args: argparse.Namespace) -> Executor:
+    from bliss.indexer.executors import LocalExecutor, RayExecutor
+
+    if args.backend == "local":
+        return LocalExecutor()
+    return RayExecutor(
+        args.ray_address, gpus_per_encoder=args.ray_gpus_per_encoder, encoders=args.ray_encoders
+    )
+
+
+def _inputs_and_options(
+    args: argparse.Namespace, executor: Executor
+) -> tuple[BuildInputs, BuildOptions]:
     from bliss.encoders import DEFAULT_PROMPT_TEMPLATE, format_prompt
     from bliss.indexer.pipeline import BuildOptions
 
@@ -171,7 +207,7 @@ def _inputs_and_options(args: argparse.Namespace) -> tuple[BuildInputs, BuildOpt
     if args.default_k < 1:
         raise InvalidInputError(f"--default-k must be at least 1, got {args.default_k}")
     inputs, model, dictionary_source = (
-        _embedding_inputs(args) if args.from_embeddings else _image_inputs(args, template)
+        _embedding_inputs(args) if args.from_embeddings else _image_inputs(args, template, executor)
     )
     options = BuildOptions(
         name=args.name,
@@ -202,10 +238,10 @@ def _embedding_inputs(args: argparse.Namespace) -> tuple:
     return BundleInputs(bundle), model, source
 
 
-def _image_inputs(args: argparse.Namespace, template: str) -> tuple:
+def _image_inputs(args: argparse.Namespace, template: str, executor: Executor) -> tuple:
     from bliss.dictionaries import resolve_dictionary
-    from bliss.encoders import ClipEncoder
     from bliss.indexer.build_inputs import ImageFolderInputs, scan_image_folder
+    from bliss.indexer.executors import EncoderSettings
     from bliss.indexer.pipeline import ModelIdentity
 
     classes = scan_image_folder(args.from_images, args.class_map)
@@ -214,7 +250,7 @@ def _image_inputs(args: argparse.Namespace, template: str) -> tuple:
     inputs = ImageFolderInputs(
         classes,
         dictionary,
-        lambda: ClipEncoder.load(spec, device=args.device, batch_size=args.batch_size),
+        lambda: executor.encoder(EncoderSettings(spec, args.device, args.batch_size)),
         template,
         chunk_size=args.chunk_size,
     )

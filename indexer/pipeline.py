@@ -21,12 +21,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from bliss.calibration import Calibration, holdout_split
-from bliss.class_statistics import ClassMoments, StatisticsPath, class_statistics
+from bliss.calibration import Calibration
+from bliss.class_statistics import StatisticsPath
 from bliss.dictionary_index import IndexOptions, build_index
 from bliss.encoders import format_prompt
 from bliss.errors import InvalidInputError
 from bliss.indexer.build_inputs import BuildInputs
+from bliss.indexer.class_statistics_task import ClassStatisticsTask, run_class_statistics
+from bliss.indexer.executors import Executor, LocalExecutor
 from bliss.indexer.workspace import BuildWorkspace
 from bliss.scoring import DEFAULT_EPS, DEFAULT_K, DEFAULT_LAMBDA, ScoringMode
 from bliss.store import ClassRecord, Store, VersionRecord, VersionState
@@ -82,8 +84,13 @@ def build_version(
     *,
     activate: bool = False,
     keep_workspace: bool = False,
+    executor: Executor | None = None,
 ) -> BuildOutcome:
-    """Run (or resume, or skip) the build of one index version."""
+    """Run (or resume, or skip) the build of one index version.
+
+    ``executor`` runs the per-class statistics (default: in this process); the inputs
+    carry their own encoder, made by the same executor.
+    """
     fingerprint = options.fingerprint(inputs.fingerprint())
     existing = store.find_version_by_fingerprint(options.name, fingerprint)
     if existing is not None and existing.state is not VersionState.BUILDING:
@@ -98,7 +105,7 @@ def build_version(
         return BuildOutcome(existing, built=False, stage_seconds={})
 
     workspace = BuildWorkspace.for_build(data_dir, options.name, fingerprint)
-    build = _Build(store, data_dir, inputs, options, workspace)
+    build = _Build(store, data_dir, inputs, options, workspace, executor or LocalExecutor())
     version = existing or build.create_version(fingerprint)
     if existing is not None:
         logger.info("resuming the build of %s from %s", version.label, workspace.root)
@@ -119,7 +126,9 @@ class _Build:
         inputs: BuildInputs,
         options: BuildOptions,
         workspace: BuildWorkspace,
+        executor: Executor,
     ) -> None:
+        self.executor = executor
         self.store = store
         self.data_dir = data_dir
         self.inputs = inputs
@@ -154,7 +163,8 @@ class _Build:
 
     def run(self, version: VersionRecord) -> VersionRecord:
         with self._stage("dictionary embeddings"):
-            texts, dictionary = self.inputs.dictionary(self.workspace)
+            dictionary_file = self.inputs.dictionary_file(self.workspace)
+        dictionary = np.load(dictionary_file, mmap_mode="r")
         if dictionary.shape[0] != version.dictionary_size:
             raise InvalidInputError(
                 f"the dictionary has {dictionary.shape[0]} embeddings "
@@ -163,12 +173,16 @@ class _Build:
         with self._stage("faiss index"):
             self._write_faiss(version, dictionary)
         with self._stage("normal embeddings"):
-            for position in range(len(self.inputs.class_names)):
-                self.inputs.class_embeddings(self.workspace, position)
+            normal_files = [
+                self.inputs.class_embeddings_file(self.workspace, position)
+                for position in range(len(self.inputs.class_names))
+            ]
+            labels = self.inputs.label_embeddings(self.workspace)
+        self.inputs.release_encoder()
         with self._stage("class statistics"):
-            records = self._class_statistics(dictionary)
+            records = self._class_statistics(dictionary_file, normal_files, labels)
         with self._stage("store rows"):
-            self._write_store(version, texts, records)
+            self._write_store(version, self.inputs.dictionary_texts(self.workspace), records)
         if self.options.calibration_fraction > 0:
             with self._stage("calibration"):
                 self._calibrate(version)
@@ -190,45 +204,38 @@ class _Build:
         )
         self.workspace.save_lines(iter([checksum]), "faiss.sha256")
 
-    def _class_statistics(self, dictionary: np.ndarray) -> list[ClassRecord]:
+    def _class_statistics(
+        self, dictionary_file: Path, normal_files: list[Path], labels: np.ndarray
+    ) -> list[ClassRecord]:
         names = self.inputs.class_names
-        labels = self.inputs.label_embeddings(self.workspace)
-        _check_dimension("class prompt embeddings", labels, dictionary.shape[1])
-        records = []
-        for position, name in enumerate(tqdm(names, desc="class statistics", unit="class")):
-            file = f"class_{position:05d}.npz"
-            if not self.workspace.has("statistics", file):
-                self.workspace.save_arrays(
-                    self._one_class(position, labels[position], dictionary), "statistics", file
+        dim = int(np.load(dictionary_file, mmap_mode="r").shape[1])
+        _check_dimension("class prompt embeddings", labels, dim)
+        tasks = []
+        for position, normal_file in enumerate(normal_files):
+            normal = np.load(normal_file, mmap_mode="r")
+            _check_dimension(f"normal embeddings of {names[position]!r}", normal, dim)
+            if not self.workspace.has("statistics", _statistics_file(position)):
+                tasks.append(
+                    ClassStatisticsTask(
+                        position=position,
+                        label_embedding=np.asarray(labels[position], dtype=np.float32),
+                        dictionary_file=dictionary_file,
+                        normal_file=normal_file,
+                        calibration_fraction=self.options.calibration_fraction,
+                        path=self.options.statistics_path,
+                    )
                 )
-            records.append(self._class_record(position, name, labels[position], file))
-        return records
-
-    def _one_class(
-        self, position: int, label: np.ndarray, dictionary: np.ndarray
-    ) -> dict[str, np.ndarray]:
-        normal = self.inputs.class_embeddings(self.workspace, position)
-        _check_dimension(
-            f"normal embeddings of {self.inputs.class_names[position]!r}",
-            normal,
-            dictionary.shape[1],
-        )
-        kept, held_out = holdout_split(len(normal), self.options.calibration_fraction, position)
-        moments = ClassMoments.of(normal[kept])
-        stats = class_statistics(
-            label, dictionary, moments, normal[kept], path=self.options.statistics_path
-        )
-        logger.debug("class %d: %d images, %s path", position, moments.count, stats.path.value)
-        return {
-            "label_mean": np.float64(stats.label_mean),
-            "label_std": np.float64(stats.label_std),
-            "entry_mean": stats.entry_mean,
-            "entry_std": stats.entry_std,
-            "count": np.int64(moments.count),
-            "moment_sum": moments.total,
-            "moment_outer": moments.outer,
-            "held_out": normal[held_out],
-        }
+        done = len(names) - len(tasks)
+        results = self.executor.map(run_class_statistics, tasks)
+        with tqdm(total=len(names), initial=done, desc="class statistics", unit="class") as bar:
+            for task, arrays in zip(tasks, results, strict=True):
+                self.workspace.save_arrays(arrays, "statistics", _statistics_file(task.position))
+                logger.debug("class %d: %s path", task.position, arrays["path"])
+                bar.update()
+        return [
+            self._class_record(position, name, labels[position], _statistics_file(position))
+            for position, name in enumerate(names)
+        ]
 
     def _class_record(self, position: int, name: str, label: np.ndarray, file: str) -> ClassRecord:
         arrays = self.workspace.load_arrays("statistics", file)
@@ -254,7 +261,7 @@ class _Build:
         for record in tqdm(records, desc="store statistics", unit="class"):
             if store.count_entry_statistics(version.id, record.position) == version.dictionary_size:
                 continue
-            arrays = self.workspace.load_arrays("statistics", f"class_{record.position:05d}.npz")
+            arrays = self.workspace.load_arrays("statistics", _statistics_file(record.position))
             store.write_entry_statistics(
                 version.id, record.position, arrays["entry_mean"], arrays["entry_std"]
             )
@@ -265,7 +272,7 @@ class _Build:
             return
         held_out = np.concatenate(
             [
-                self.workspace.load_arrays("statistics", f"class_{position:05d}.npz")["held_out"]
+                self.workspace.load_arrays("statistics", _statistics_file(position))["held_out"]
                 for position in range(len(self.inputs.class_names))
             ]
         )
@@ -291,6 +298,10 @@ class _Build:
         started = time.perf_counter()
         yield
         self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.perf_counter() - started
+
+
+def _statistics_file(position: int) -> str:
+    return f"class_{position:05d}.npz"
 
 
 def _check_dimension(what: str, embeddings: np.ndarray, dim: int) -> None:
