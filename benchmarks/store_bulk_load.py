@@ -24,6 +24,7 @@ import numpy as np
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from bliss.indexer.pipeline import STATISTICS_BLOCK_ROWS
 from bliss.store import ClassRecord, Store
 from bliss.store.database import normalize_url
 
@@ -78,10 +79,16 @@ def run(url: str, n_classes: int, n_entries: int) -> dict[str, float]:
         seconds["write entries"], _ = timed(
             lambda: store.write_entries(version.id, (f"entry {i}" for i in range(n_entries)))
         )
+        block = max(1, STATISTICS_BLOCK_ROWS // n_classes)  # as the indexer writes them
         seconds["write statistics (all classes)"], _ = timed(
             lambda: [
-                store.write_entry_statistics(version.id, c, means[c], stds[c])
-                for c in range(n_classes)
+                store.write_entry_statistics(
+                    version.id,
+                    start,
+                    means[:, start : start + block],
+                    stds[:, start : start + block],
+                )
+                for start in range(0, n_entries, block)
             ]
         )
         store.set_faiss_file(version.id, path="bench.faiss", kind="flat", checksum="0" * 64)

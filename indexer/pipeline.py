@@ -36,6 +36,10 @@ from bliss.version_loader import load_scorer
 
 logger = logging.getLogger(__name__)
 
+# Statistics rows (classes x entries) per store transaction: large enough that COPY and
+# executemany run at full speed, small enough that a killed build loses little.
+STATISTICS_BLOCK_ROWS = 1_000_000
+
 
 @dataclass(frozen=True)
 class ModelIdentity:
@@ -229,6 +233,12 @@ class _Build:
         results = self.executor.map(run_class_statistics, tasks)
         with tqdm(total=len(names), initial=done, desc="class statistics", unit="class") as bar:
             for task, arrays in zip(tasks, results, strict=True):
+                # The per-entry arrays are memory-mapped later, block by block.
+                for kind in ("mean", "std"):
+                    entry_values = arrays.pop(f"entry_{kind}")
+                    self.workspace.save_array(
+                        entry_values, "statistics", _entry_file(task.position, kind)
+                    )
                 self.workspace.save_arrays(arrays, "statistics", _statistics_file(task.position))
                 logger.debug("class %d: %s path", task.position, arrays["path"])
                 bar.update()
@@ -258,13 +268,29 @@ class _Build:
         if store.count_entries(version.id) != version.dictionary_size:
             store.write_entries(version.id, texts)
         store.write_classes(version.id, records)
-        for record in tqdm(records, desc="store statistics", unit="class"):
-            if store.count_entry_statistics(version.id, record.position) == version.dictionary_size:
-                continue
-            arrays = self.workspace.load_arrays("statistics", _statistics_file(record.position))
-            store.write_entry_statistics(
-                version.id, record.position, arrays["entry_mean"], arrays["entry_std"]
-            )
+        entries = version.dictionary_size
+        block = max(1, STATISTICS_BLOCK_ROWS // len(records))
+        # Blocks are written in order, one transaction each: the rows present say where
+        # a killed build stopped.
+        done = store.count_entry_statistics(version.id) // len(records)
+        means = [
+            self.workspace.load_array("statistics", _entry_file(r.position, "mean"), mmap=True)
+            for r in records
+        ]
+        stds = [
+            self.workspace.load_array("statistics", _entry_file(r.position, "std"), mmap=True)
+            for r in records
+        ]
+        with tqdm(total=entries, initial=done, desc="store statistics", unit="entry") as bar:
+            for start in range(done - done % block, entries, block):
+                stop = min(start + block, entries)
+                store.write_entry_statistics(
+                    version.id,
+                    start,
+                    np.stack([mean[start:stop] for mean in means]),
+                    np.stack([std[start:stop] for std in stds]),
+                )
+                bar.update(stop - max(start, done))
 
     def _calibrate(self, version: VersionRecord) -> None:
         """Score the held-out normal images in every mode; store their sorted scores."""
@@ -301,7 +327,12 @@ class _Build:
 
 
 def _statistics_file(position: int) -> str:
+    """Written last for a class: its presence means the class's statistics are done."""
     return f"class_{position:05d}.npz"
+
+
+def _entry_file(position: int, kind: str) -> str:
+    return f"class_{position:05d}.entry_{kind}.npy"
 
 
 def _check_dimension(what: str, embeddings: np.ndarray, dim: int) -> None:

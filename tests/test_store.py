@@ -87,8 +87,7 @@ def build_ready(store: Store, rng: np.random.Generator, name: str = "cifar10") -
     store.write_classes(version.id, make_classes(rng))
     store.write_entries(version.id, iter(entry_texts()))
     mean, std = make_statistics(rng)
-    for position in range(N_CLASSES):
-        store.write_entry_statistics(version.id, position, mean[position], std[position])
+    store.write_entry_statistics(version.id, 0, mean, std)
     store.set_faiss_file(version.id, path=f"indexes/{name}.faiss", kind="flat", checksum=CHECKSUM)
     return store.mark_ready(version.id)
 
@@ -135,8 +134,9 @@ def test_round_trip_is_exact(store: Store) -> None:
     ]
 
     mean, std = make_statistics(rng)
-    for position in range(N_CLASSES):
-        store.write_entry_statistics(version.id, position, mean[position], std[position])
+    # Two blocks of entries, every class each.
+    store.write_entry_statistics(version.id, 0, mean[:, :20], std[:, :20])
+    store.write_entry_statistics(version.id, 20, mean[:, 20:], std[:, 20:])
     assert store.count_entry_statistics(version.id) == N_CLASSES * N_ENTRIES
     assert store.count_entry_statistics(version.id, 1) == N_ENTRIES
 
@@ -289,19 +289,19 @@ def test_mark_ready_refuses_an_incomplete_version(store: Store) -> None:
     store.write_classes(version.id, make_classes(rng))
     store.write_entries(version.id, iter(entry_texts()))
     mean, std = make_statistics(rng)
-    store.write_entry_statistics(version.id, 0, mean[0], std[0])
-    store.write_entry_statistics(version.id, 1, mean[1], std[1])
+    store.write_entry_statistics(version.id, 0, mean[:, :30], std[:, :30])
     store.set_faiss_file(version.id, path="f.faiss", kind="flat", checksum=CHECKSUM)
-    with pytest.raises(StoreError, match=r"incomplete or unknown classes: 2\)") as raised:
+    with pytest.raises(StoreError, match=r"incomplete or unknown classes: 0, 1, 2\)") as raised:
         store.mark_ready(version.id)
+    assert f"{3 * 30} of {3 * N_ENTRIES} entry statistics" in str(raised.value)
     assert "dictionary entries" not in str(raised.value)
     assert store.get_version_by_id(version.id).state == VersionState.BUILDING
 
-    store.write_entry_statistics(version.id, 2, mean[2], std[2])
+    store.write_entry_statistics(version.id, 30, mean[:, 30:], std[:, 30:])
     assert store.mark_ready(version.id).state == VersionState.READY
     assert store.mark_ready(version.id).state == VersionState.READY  # resuming is harmless
     with pytest.raises(InvalidInputError, match="is ready"):
-        store.write_entry_statistics(version.id, 0, mean[0], std[0])
+        store.write_entry_statistics(version.id, 0, mean, std)
     with pytest.raises(InvalidInputError, match="is ready"):
         store.set_faiss_file(version.id, path="g.faiss", kind="flat", checksum=CHECKSUM)
 
@@ -337,16 +337,18 @@ def test_bad_input_loses_nothing(store: Store) -> None:
     store.write_classes(version.id, make_classes(rng))
     store.write_entries(version.id, iter(entry_texts()))
     mean, std = make_statistics(rng)
-    store.write_entry_statistics(version.id, 0, mean[0], std[0])
+    store.write_entry_statistics(version.id, 0, mean, std)
 
-    bad_mean = mean[0].copy()
-    bad_mean[9] = np.nan
-    with pytest.raises(InvalidInputError, match=r"non-finite.*entry 9"):
-        store.write_entry_statistics(version.id, 0, bad_mean, std[0])
+    bad_mean = mean.copy()
+    bad_mean[1, 9] = np.nan
+    with pytest.raises(InvalidInputError, match=r"non-finite.*class 1, entry 9"):
+        store.write_entry_statistics(version.id, 0, bad_mean, std)
     with pytest.raises(InvalidInputError, match="shape"):
-        store.write_entry_statistics(version.id, 0, mean[0][:-1], std[0][:-1])
+        store.write_entry_statistics(version.id, 0, mean[:-1], std[:-1])
+    with pytest.raises(InvalidInputError, match="outside the dictionary"):
+        store.write_entry_statistics(version.id, 10, mean, std)
     with pytest.raises(InvalidInputError, match="negative"):
-        store.write_entry_statistics(version.id, 0, mean[0], -std[0] - 1)
+        store.write_entry_statistics(version.id, 0, mean, -std - 1)
     with pytest.raises(InvalidInputError, match="dictionary_size"):
         store.write_entries(version.id, iter(["only", "three", "entries"]))
     with pytest.raises(InvalidInputError, match="entry 2 is a int"):
@@ -362,14 +364,15 @@ def test_bad_input_loses_nothing(store: Store) -> None:
 
     assert store.entry_texts(version.id, [0, 49]) == [entry_texts()[0], entry_texts()[49]]
     assert len(store.load_classes(version.id)) == N_CLASSES
-    kept_mean, kept_std = store.entry_statistics(version.id, np.arange(N_ENTRIES), 1)
-    assert np.array_equal(kept_mean[0], mean[0]) and np.array_equal(kept_std[0], std[0])
+    kept_mean, kept_std = store.entry_statistics(version.id, np.arange(N_ENTRIES), N_CLASSES)
+    assert np.array_equal(kept_mean, mean) and np.array_equal(kept_std, std)
 
-    # A valid rewrite replaces the class's rows.
-    store.write_entry_statistics(version.id, 0, mean[1], std[1])
-    assert store.count_entry_statistics(version.id) == N_ENTRIES
-    new_mean, _ = store.entry_statistics(version.id, np.arange(N_ENTRIES), 1)
-    assert np.array_equal(new_mean[0], mean[1])
+    # A valid rewrite replaces that block's rows.
+    store.write_entry_statistics(version.id, 5, mean[::-1, 5:8], std[::-1, 5:8])
+    assert store.count_entry_statistics(version.id) == N_CLASSES * N_ENTRIES
+    new_mean, _ = store.entry_statistics(version.id, np.arange(N_ENTRIES), N_CLASSES)
+    assert np.array_equal(new_mean[:, 5:8], mean[::-1, 5:8])
+    assert np.array_equal(new_mean[:, 8:], mean[:, 8:])
     store.write_classes(version.id, make_classes(rng, 2))
     assert [c.position for c in store.load_classes(version.id)] == [0, 1]
 

@@ -54,19 +54,21 @@ _FETCH_ROWS = 100_000  # rows per sqlite3 fetchmany (Python tuples: keep batches
 
 
 def insert_entry_statistics(
-    connection: Connection,
-    version_id: int,
-    class_position: int,
-    mean: np.ndarray,
-    std: np.ndarray,
+    connection: Connection, version_id: int, start: int, mean: np.ndarray, std: np.ndarray
 ) -> None:
-    """Insert rows (version, entry 0..t-1, class) -> (mean, std); t = len(mean)."""
+    """Insert rows (version, entry, class) -> (mean, std) for entries start..start+b-1 of
+    every class, from ``mean``/``std`` [N, b], in primary-key order (appends, not a
+    scatter over the whole table)."""
+    classes, block = mean.shape
+    entries = np.repeat(np.arange(start, start + block), classes)
+    class_positions = np.tile(np.arange(classes), block)
+    means, stds = mean.T.ravel(), std.T.ravel()
     if connection.dialect.name == "postgresql":
-        _copy_entry_statistics(connection, version_id, class_position, mean, std)
+        _copy_entry_statistics(connection, version_id, entries, class_positions, means, stds)
         return
     rows = zip(
-        repeat(version_id), range(len(mean)), repeat(class_position),
-        mean.tolist(), std.tolist(), strict=False,
+        repeat(version_id), entries.tolist(), class_positions.tolist(),
+        means.tolist(), stds.tolist(), strict=False,
     )  # fmt: skip
     cursor = connection.connection.dbapi_connection.cursor()
     try:
@@ -191,7 +193,8 @@ def gather_entry_texts(
 def _copy_entry_statistics(
     connection: Connection,
     version_id: int,
-    class_position: int,
+    entries: np.ndarray,
+    class_positions: np.ndarray,
     mean: np.ndarray,
     std: np.ndarray,
 ) -> None:
@@ -211,8 +214,8 @@ def _copy_entry_statistics(
             rows["version_len"] = rows["entry_len"] = rows["class_len"] = 4
             rows["mean_len"] = rows["std_len"] = 8
             rows["version_id"] = version_id
-            rows["entry_position"] = np.arange(start, stop)
-            rows["class_position"] = class_position
+            rows["entry_position"] = entries[start:stop]
+            rows["class_position"] = class_positions[start:stop]
             rows["mean"] = mean[start:stop]
             rows["std"] = std[start:stop]
             copy.write(rows.tobytes())

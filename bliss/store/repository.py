@@ -477,31 +477,38 @@ class Store:
     # --------------------------------------------------------- entry statistics
 
     def write_entry_statistics(
-        self, version_id: int, class_position: int, mean: np.ndarray, std: np.ndarray
+        self, version_id: int, start: int, mean: np.ndarray, std: np.ndarray
     ) -> None:
-        """Replace one class's eq. 8 rows: ``mean``, ``std`` float64 [t], t = dictionary_size."""
-        if class_position < 0:
-            raise InvalidInputError(f"class_position must be >= 0, got {class_position}")
+        """Replace the eq. 8 rows of entries start..start+b-1 for every class, from
+        ``mean``/``std`` float64 [N, b] (N = the version's classes, written first).
+
+        Writing blocks of entries in order keeps the inserts in key order, so a
+        million-row block is an append and a huge dictionary one pass over the table.
+        """
         with self._writing() as session:
             row = _building_row(session, version_id, "writing entry statistics")
-            mean_values = _statistics_array("mean", mean, row, class_position)
-            std_values = _statistics_array("std", std, row, class_position)
+            classes = session.scalar(
+                select(func.count())
+                .select_from(NormalClass)
+                .where(NormalClass.version_id == version_id)
+            )
+            mean_values = _statistics_block("mean", mean, row, classes, start)
+            std_values = _statistics_block("std", std, row, classes, start)
             if (std_values < 0).any():
+                row_index, column = np.argwhere(std_values < 0)[0]
                 raise InvalidInputError(
-                    f"std of class {class_position} has negative values (first at entry "
-                    f"{int(np.argmax(std_values < 0))}); a standard deviation is >= 0"
+                    f"std has negative values (first: class {row_index}, entry "
+                    f"{start + column}); a standard deviation is >= 0"
                 )
-            # Rows of a class are written all at once, so entry 0 tells whether any exist
-            # (a primary-key probe; the delete itself scans the version).
-            if session.get(EntryStatistic, (version_id, 0, class_position)) is not None:
-                session.execute(
-                    delete(EntryStatistic).where(
-                        EntryStatistic.version_id == version_id,
-                        EntryStatistic.class_position == class_position,
-                    )
+            session.execute(
+                delete(EntryStatistic).where(
+                    EntryStatistic.version_id == version_id,
+                    EntryStatistic.entry_position >= start,
+                    EntryStatistic.entry_position < start + mean_values.shape[1],
                 )
+            )
             bulk_load.insert_entry_statistics(
-                session.connection(), version_id, class_position, mean_values, std_values
+                session.connection(), version_id, start, mean_values, std_values
             )
 
     def count_entry_statistics(self, version_id: int, class_position: int | None = None) -> int:
@@ -810,25 +817,32 @@ def _finite_array(what: str, values: np.ndarray, shape: tuple[int, ...]) -> np.n
     return array
 
 
-def _statistics_array(
-    what: str, values: np.ndarray, version: IndexVersion, class_position: int
+def _statistics_block(
+    what: str, values: np.ndarray, version: IndexVersion, classes: int, start: int
 ) -> np.ndarray:
     array = np.asarray(values)
-    expected = (version.dictionary_size,)
-    if array.shape != expected:
+    if classes == 0:
         raise InvalidInputError(
-            f"{what} of class {class_position} must have shape {expected} (the dictionary "
-            f"size of index {_label(version)}), got {array.shape}"
+            f"index {_label(version)} has no classes yet: write the classes before their statistics"
+        )
+    if array.ndim != 2 or array.shape[0] != classes or array.shape[1] == 0:
+        raise InvalidInputError(
+            f"{what} must have shape [{classes}, b] (one row per class of index "
+            f"{_label(version)}), got {array.shape}"
+        )
+    if start < 0 or start + array.shape[1] > version.dictionary_size:
+        raise InvalidInputError(
+            f"entries {start}..{start + array.shape[1] - 1} are outside the dictionary of "
+            f"index {_label(version)} (0..{version.dictionary_size - 1})"
         )
     if not np.issubdtype(array.dtype, np.floating):
-        raise InvalidInputError(
-            f"{what} of class {class_position} must be floats, got {array.dtype}"
-        )
+        raise InvalidInputError(f"{what} must be floats, got {array.dtype}")
     finite = np.isfinite(array)
     if not finite.all():
+        row, column = np.argwhere(~finite)[0]
         raise InvalidInputError(
-            f"{what} of class {class_position} has {int((~finite).sum())} non-finite values "
-            f"(first at entry {int(np.argmin(finite))})"
+            f"{what} has {int((~finite).sum())} non-finite values "
+            f"(first: class {row}, entry {start + column})"
         )
     return array.astype(np.float64, copy=False)
 
