@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "bliss.quickstart",
     "bliss.indexer.commands",
     "bliss.client.commands",
+    "bliss.server.commands",
     "bliss.store.commands",
     "bliss.evaluation.commands",
 )

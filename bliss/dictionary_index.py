@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import faiss
 
 ADD_BATCH_ROWS = 65_536
+EXACT_RESCORE_BYTES = 1 << 20
 # faiss wants ~39 training points per centroid; more buys little and costs time.
 TRAINING_POINTS_PER_CENTROID = 64
 
@@ -142,8 +143,14 @@ class DictionaryIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         unique, inverse = np.unique(ids, return_inverse=True)
         vectors = self.index.reconstruct_batch(unique).astype(np.float64)
-        gathered = vectors[inverse.reshape(ids.shape)]  # [B, k, D]
-        similarities = np.einsum("bd,bkd->bk", queries.astype(np.float64), gathered)
+        positions = inverse.reshape(ids.shape)
+        queries = queries.astype(np.float64)
+        similarities = np.empty(ids.shape, dtype=np.float64)
+        # Row blocks keep the gathered [rows, k, D] float64 vectors small (about 1 MiB).
+        rows = max(1, EXACT_RESCORE_BYTES // (8 * ids.shape[1] * self.dim))
+        for start in range(0, len(ids), rows):
+            block = slice(start, start + rows)
+            similarities[block] = np.einsum("bd,bkd->bk", queries[block], vectors[positions[block]])
         order = np.argsort(-similarities, axis=1, kind="stable")
         return np.take_along_axis(similarities, order, 1), np.take_along_axis(ids, order, 1)
 

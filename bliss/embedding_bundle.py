@@ -112,6 +112,19 @@ def write_bundle(
     np.save(folder / "normal_labels.npy", np.asarray(normal_labels, dtype=np.int64))
 
 
+def load_embeddings_file(path: Path) -> np.ndarray:
+    """A [B, D] .npy file of embeddings to score, memory-mapped (rows are checked later)."""
+    if not path.is_file():
+        raise NotFoundError(f"embeddings file {path} does not exist")
+    try:
+        embeddings = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as error:
+        raise InvalidInputError(f"{path} is not a numeric .npy array: {error}") from None
+    if embeddings.ndim != 2:
+        raise InvalidInputError(f"{path} has shape {embeddings.shape}, expected [B, D]")
+    return embeddings
+
+
 def _read_lines(path: Path) -> list[str]:
     try:
         lines = path.read_text("utf-8").splitlines()

@@ -14,14 +14,13 @@ from typing import IO
 
 import numpy as np
 
-from bliss.errors import InvalidInputError, NotFoundError
+from bliss.embedding_bundle import load_embeddings_file
+from bliss.errors import InvalidInputError
 from bliss.scored_item import scored_items, write_json_lines
 from bliss.scoring import ScoringMode
 from bliss.settings import StoreSettings
 from bliss.store import Store, VersionRecord
-from bliss.version_loader import DEFAULT_MEMORY_BUDGET_BYTES, load_scorer
-
-PRECOMPUTED_MODEL = "precomputed"
+from bliss.version_loader import DEFAULT_MEMORY_BUDGET_BYTES, image_encoder_for, load_scorer
 
 
 @dataclass(frozen=True)
@@ -62,43 +61,13 @@ def _input_batches(
 ) -> Iterator[tuple[list[str], np.ndarray]]:
     size = request.batch_size
     if request.embeddings is not None:
-        embeddings = _load_embeddings(request.embeddings)
+        embeddings = load_embeddings_file(request.embeddings)
         for start in range(0, len(embeddings), size):
             block = np.asarray(embeddings[start : start + size])
             ids = [f"{request.embeddings.name}#{i}" for i in range(start, start + len(block))]
             yield ids, block
     if request.images:
-        encoder = _image_encoder(version, request.device, size)
+        encoder = image_encoder_for(version, request.device, size)
         for start in range(0, len(request.images), size):
             paths = request.images[start : start + size]
             yield [str(p) for p in paths], encoder.encode_images(list(paths))
-
-
-def _load_embeddings(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise NotFoundError(f"embeddings file {path} does not exist")
-    try:
-        embeddings = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as error:
-        raise InvalidInputError(f"{path} is not a numeric .npy array: {error}") from None
-    if embeddings.ndim != 2:
-        raise InvalidInputError(f"{path} has shape {embeddings.shape}, expected [B, D]")
-    return embeddings
-
-
-def _image_encoder(version: VersionRecord, device: str | None, batch_size: int) -> object:
-    from bliss.encoders import ClipEncoder, ModelSpec
-
-    if version.model_name == PRECOMPUTED_MODEL:
-        raise InvalidInputError(
-            f"{version.label} was built from precomputed embeddings of an unnamed model, so "
-            "its images cannot be encoded here: score --embeddings, or rebuild it with "
-            "--model/--pretrained"
-        )
-    spec = ModelSpec(model_name=version.model_name, pretrained=version.model_weights or None)
-    if version.model_checksum and spec.checksum() != version.model_checksum:
-        raise InvalidInputError(
-            f"the checkpoint {version.model_weights} differs from the one {version.label} was "
-            "built with (sha256 mismatch): restore that file or rebuild the version"
-        )
-    return ClipEncoder.load(spec, device=device, batch_size=batch_size)

@@ -1,8 +1,9 @@
 """``bliss quickstart``: the whole pipeline on a generated example, offline, in a minute.
 
 Generates a few classes of shape images, builds and activates an index version with the
-tiny random test model and the ImageNet dictionary, and scores held-out normal images
-and anomalies. The scores of a random model mean nothing: the point is to show every
+tiny random test model and the ImageNet dictionary, scores held-out normal images and
+anomalies locally, then starts the gRPC server on a free port and scores the same
+images through the client. The scores of a random model mean nothing: the point is to show every
 step working on this machine, and the command says how to run it with real weights.
 """
 
@@ -56,7 +57,10 @@ def run_quickstart(args: argparse.Namespace) -> int:
     version = _build(settings, example / "normal")
     print(f"   {version}")
     print(f"3. scoring {len(tests)} held-out images locally (higher = more anomalous)")
-    _print_scores(settings, tests)
+    local = _score_locally(settings, tests)
+    _print_scores(local, tests)
+    print("4. serving the index over gRPC and scoring the same images through the client")
+    _score_through_server(settings, tests, local)
     print()
     print(REAL_WEIGHTS_NOTE)
     return 0
@@ -108,18 +112,52 @@ def _build(settings: StoreSettings, normal_folder: Path) -> str:
     return f"{verb} {version.label} ({version.state.value}) in {settings.data_dir}"
 
 
-def _print_scores(settings: StoreSettings, tests: list[tuple[Path, str]]) -> None:
+def _score_locally(settings: StoreSettings, tests: list[tuple[Path, str]]) -> list[dict]:
     from bliss.local_scoring import LocalScoringRequest, score_locally
 
     output = io.StringIO()
-    request = LocalScoringRequest(index=INDEX_NAME, images=tuple(path for path, _ in tests))
+    # One image per batch, as the server calls below: the encoder's float32 output
+    # shifts in the last digits with the batch an image is part of.
+    request = LocalScoringRequest(
+        index=INDEX_NAME, images=tuple(path for path, _ in tests), batch_size=1
+    )
     score_locally(settings, request, output)
+    return [json.loads(line) for line in output.getvalue().splitlines()]
+
+
+def _print_scores(items: list[dict], tests: list[tuple[Path, str]]) -> None:
     truth = {str(path): label for path, label in tests}
     print(f"   {'image':<22} {'truth':<8} {'score':>9}  {'nearest':<9} top dictionary entries")
-    for line in output.getvalue().splitlines():
-        item = json.loads(line)
+    for item in items:
         entries = ", ".join(e["text"] for e in item["top_entries"][:3])
         print(
             f"   {Path(item['id']).name:<22} {truth[item['id']]:<8} {item['score']:>9.3f}  "
             f"{item['nearest_class']:<9} {entries}"
         )
+
+
+def _score_through_server(
+    settings: StoreSettings, tests: list[tuple[Path, str]], local: list[dict]
+) -> None:
+    from bliss.client import BlissClient
+    from bliss.server.runtime import BackgroundServer
+    from bliss.server.settings import ServerSettings
+
+    server_settings = ServerSettings(
+        data_dir=settings.data_dir, store_url=settings.store_url, host="127.0.0.1", port=0,
+        metrics=False,
+    )  # fmt: skip
+    with BackgroundServer(server_settings) as server, BlissClient(server.address) as client:
+        print(f"   bliss serve listening on {server.address}; health: {client.health()}")
+        remote = [
+            client.score(images=[path], ids=[str(path)], index=INDEX_NAME)[0].to_json_dict()
+            for path, _ in tests
+        ]
+    largest = max(abs(r["score"] - item["score"]) for r, item in zip(remote, local, strict=True))
+    same = all(
+        r["nearest_class"] == item["nearest_class"] for r, item in zip(remote, local, strict=True)
+    )
+    print(
+        f"   {len(remote)} images scored by the server: largest |server - local| score "
+        f"difference {largest:.1e}, same nearest classes: {'yes' if same else 'NO'}"
+    )

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bliss.dictionary_index import DictionaryIndex, IndexKind
+from bliss.errors import InvalidInputError
 from bliss.scorer import (
     EntryStatisticsSource,
     EntryTextSource,
@@ -24,8 +26,13 @@ from bliss.scorer import (
 )
 from bliss.store import Store, VersionRecord
 
+if TYPE_CHECKING:
+    from bliss.encoders import ClipEncoder
+
 logger = logging.getLogger(__name__)
 
+# The model name of versions built from embeddings of an unnamed model: no images.
+PRECOMPUTED_MODEL = "precomputed"
 DEFAULT_MEMORY_BUDGET_BYTES = 2 * 1024**3
 # Two float64 statistics per (class, entry), plus a rough allowance per entry text.
 _BYTES_PER_STATISTIC = 16
@@ -116,3 +123,26 @@ def _statistics_sources(
     mean, std = store.all_entry_statistics(version.id, n_classes, version.dictionary_size)
     texts = list(store.iter_entry_texts(version.id))
     return InMemoryEntryStatistics(mean, std), InMemoryEntryTexts(texts)
+
+
+def image_encoder_for(version: VersionRecord, device: str | None, batch_size: int) -> ClipEncoder:
+    """The encoder that made ``version``'s embeddings, to encode images scored against it.
+
+    Refuses versions of an unnamed model and local checkpoints whose file changed since
+    the build (their sha256 is recorded).
+    """
+    from bliss.encoders import ClipEncoder, ModelSpec
+
+    if version.model_name == PRECOMPUTED_MODEL:
+        raise InvalidInputError(
+            f"{version.label} was built from precomputed embeddings of an unnamed model, so "
+            "images cannot be encoded for it: send embeddings instead, or rebuild the "
+            "version with --model/--pretrained"
+        )
+    spec = ModelSpec(model_name=version.model_name, pretrained=version.model_weights or None)
+    if version.model_checksum and spec.checksum() != version.model_checksum:
+        raise InvalidInputError(
+            f"the checkpoint {version.model_weights} differs from the one {version.label} was "
+            "built with (sha256 mismatch): restore that file or rebuild the version"
+        )
+    return ClipEncoder.load(spec, device=device, batch_size=batch_size)

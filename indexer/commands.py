@@ -227,7 +227,7 @@ def _embedding_inputs(args: argparse.Namespace) -> tuple:
     from bliss.embedding_bundle import load_bundle
     from bliss.indexer.build_inputs import BundleInputs
     from bliss.indexer.pipeline import ModelIdentity
-    from bliss.local_scoring import PRECOMPUTED_MODEL
+    from bliss.version_loader import PRECOMPUTED_MODEL
 
     bundle = load_bundle(args.from_embeddings)
     model = ModelIdentity(name=PRECOMPUTED_MODEL)

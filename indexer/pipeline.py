@@ -144,6 +144,11 @@ class _Build:
         options = self.options
         with self._stage("dictionary entries"):
             size = self.inputs.dictionary_size(self.workspace)
+        if options.default_k > size:
+            raise InvalidInputError(
+                f"--default-k {options.default_k} is larger than the dictionary ({size} "
+                "entries): every request at the default K would fail; lower --default-k"
+            )
         version = self.store.create_version(
             name=options.name,
             model_name=options.model.name,

@@ -45,6 +45,8 @@ def build_args(root: Path, words: Path, *extra: str) -> list:
         TINY_TEST_MODEL,
         "--dictionary",
         f"file:{words}",
+        "--default-k",
+        "3",
         *extra,
     ]
 
@@ -198,3 +200,15 @@ def test_killed_build_resumes_and_matches_a_clean_build(images, tmp_path):
             tables.append(store.all_entry_statistics(version.id, 3, 3000))
     np.testing.assert_array_equal(tables[0][0], tables[1][0])
     np.testing.assert_array_equal(tables[0][1], tables[1][1])
+
+
+def test_default_k_larger_than_the_dictionary_is_refused(images, tmp_path):
+    root, _, words = images
+    result = run_cli(
+        "index", "build", "--name", "shapes", "--from-images", root / "normal",
+        "--model", TINY_TEST_MODEL, "--dictionary", f"file:{words}", data_dir=tmp_path,
+    )  # fmt: skip
+    assert result.code == 2
+    assert "--default-k 10 is larger than the dictionary (6 entries)" in result.stderr
+    with Store.open(f"sqlite:///{tmp_path / 'bliss.sqlite3'}") as store:
+        assert store.list_versions() == []

@@ -1,0 +1,217 @@
+"""Python values to protobuf requests and protobuf responses to Python values.
+
+Results come back as :class:`bliss.scored_item.ScoredItem`, the objects ``bliss score
+--local`` prints, so remote and local scoring write identical JSON lines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from os import PathLike
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from bliss.errors import BlissError, InvalidInputError, NotFoundError
+from bliss.scored_item import ScoredItem, TopEntry
+from bliss.v1 import scorer_pb2
+
+ImageInput = bytes | str | PathLike
+MODES = {
+    "bliss": scorer_pb2.SCORING_MODE_BLISS,
+    "ic": scorer_pb2.SCORING_MODE_IC,
+    "ic_raw": scorer_pb2.SCORING_MODE_IC_RAW,
+}
+
+
+class ScoringServiceError(BlissError):
+    """A call failed; ``code`` is the gRPC status (INVALID_ARGUMENT, UNAVAILABLE, ...)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> ScoringServiceError:
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        details = error.details() if hasattr(error, "details") else str(error)
+        return cls(code, details or "(no details)")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch to score: embeddings [B, D] and/or images, optional ids (one per input)."""
+
+    embeddings: np.ndarray | Sequence[np.ndarray] | None = None
+    images: Sequence[ImageInput] | None = None
+    ids: Sequence[str] | None = None
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    index: str = ""
+    mode: str = "bliss"
+    k: int | None = None
+    lam: float | None = None
+    class_scores: bool = False
+    top_entries: bool = True
+
+    def to_proto(self) -> scorer_pb2.ScoreOptions:
+        if self.mode not in MODES:
+            raise InvalidInputError(
+                f"unknown scoring mode {self.mode!r}: use one of {', '.join(MODES)}"
+            )
+        options = scorer_pb2.ScoreOptions(
+            index=self.index,
+            mode=MODES[self.mode],
+            return_class_scores=self.class_scores,
+            return_top_entries=self.top_entries,
+        )
+        if self.k is not None:
+            if self.k < 1:
+                raise InvalidInputError(f"K must be at least 1, got {self.k}")
+            options.k = self.k
+        if self.lam is not None:
+            options.lambda_weight = self.lam
+        return options
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """The version of an index that a server is serving."""
+
+    name: str
+    version: int
+    label: str
+    model_name: str
+    model_weights: str
+    embedding_dim: int
+    prompt_template: str
+    dictionary_source: str
+    dictionary_size: int
+    faiss_kind: str
+    classes: tuple[str, ...]
+    default_k: int
+    default_lambda: float
+    eps: float
+    accepts_images: bool
+    images_unavailable_reason: str
+    calibrated: bool
+    statistics_source: str
+    created_at: datetime | None
+    activated_at: datetime | None
+    loaded_at: datetime | None
+
+    @classmethod
+    def from_proto(cls, info: scorer_pb2.IndexInfo) -> IndexInfo:
+        return cls(
+            name=info.name,
+            version=info.version,
+            label=info.label,
+            model_name=info.model_name,
+            model_weights=info.model_weights,
+            embedding_dim=info.embedding_dim,
+            prompt_template=info.prompt_template,
+            dictionary_source=info.dictionary_source,
+            dictionary_size=info.dictionary_size,
+            faiss_kind=info.faiss_kind,
+            classes=tuple(info.classes),
+            default_k=info.defaults.k,
+            default_lambda=info.defaults.lambda_weight,
+            eps=info.defaults.eps,
+            accepts_images=info.accepts_images,
+            images_unavailable_reason=info.images_unavailable_reason,
+            calibrated=info.calibrated,
+            statistics_source=info.statistics_source,
+            created_at=_datetime(info, "created_at"),
+            activated_at=_datetime(info, "activated_at"),
+            loaded_at=_datetime(info, "loaded_at"),
+        )
+
+
+def _datetime(info: scorer_pb2.IndexInfo, field: str) -> datetime | None:
+    if not info.HasField(field):
+        return None
+    return getattr(info, field).ToDatetime(tzinfo=timezone.utc)
+
+
+def score_request(batch: Batch, options: scorer_pb2.ScoreOptions) -> scorer_pb2.ScoreRequest:
+    """Embeddings first, then images, each item with its id (default: its position)."""
+    rows = _embedding_rows(batch.embeddings)
+    images = list(batch.images or ())
+    count = len(rows) + len(images)
+    if count == 0:
+        raise InvalidInputError("nothing to score: pass embeddings and/or images")
+    ids = _ids(batch, rows, images)
+    request = scorer_pb2.ScoreRequest(options=options)
+    items = request.items
+    for item_id, row in zip(ids[: len(rows)], rows, strict=True):
+        item = items.add()
+        item.id = item_id
+        item.embedding.values = row.tobytes()
+        item.embedding.dim = row.shape[0]
+    for item_id, image in zip(ids[len(rows) :], images, strict=True):
+        item = items.add()
+        item.id = item_id
+        item.image = _image_bytes(image)
+    return request
+
+
+def _embedding_rows(embeddings: np.ndarray | Sequence[np.ndarray] | None) -> np.ndarray:
+    if embeddings is None:
+        return np.empty((0, 0), dtype="<f4")
+    array = np.asarray(embeddings)
+    if array.ndim != 2:
+        raise InvalidInputError(f"embeddings must have shape [B, D], got {array.shape}")
+    return np.ascontiguousarray(array, dtype="<f4")
+
+
+def _ids(batch: Batch, rows: np.ndarray, images: list[ImageInput]) -> list[str]:
+    count = len(rows) + len(images)
+    if batch.ids is not None:
+        ids = [str(item_id) for item_id in batch.ids]
+        if len(ids) != count:
+            raise InvalidInputError(f"{len(ids)} ids for {count} inputs: give one id per input")
+        return ids
+    ids = [str(position) for position in range(len(rows))]
+    for position, image in enumerate(images, start=len(rows)):
+        ids.append(str(image) if isinstance(image, (str, PathLike)) else str(position))
+    return ids
+
+
+def _image_bytes(image: ImageInput) -> bytes:
+    if isinstance(image, bytes):
+        return image
+    path = Path(image)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError(f"image file {path} does not exist") from None
+    except OSError as error:
+        raise InvalidInputError(f"cannot read image {path}: {error}") from error
+
+
+def scored_items(response: scorer_pb2.ScoreResponse) -> list[ScoredItem]:
+    names = tuple(response.class_names)
+    return [_scored_item(result, names) for result in response.results]
+
+
+def _scored_item(result: scorer_pb2.ScoreResult, class_names: tuple[str, ...]) -> ScoredItem:
+    entries = result.top_entries
+    return ScoredItem(
+        id=result.id,
+        index_version=result.index_version,
+        score=result.score,
+        internal_class_score=result.internal_class_score,
+        external_text_score=result.external_text_score,
+        nearest_class=result.nearest_class,
+        top_entries=tuple(TopEntry(e.text, e.similarity) for e in entries) if entries else (),
+        class_scores=(
+            dict(zip(class_names, result.class_scores, strict=True)) if class_names else None
+        ),
+        normal_quantile=result.normal_quantile if result.HasField("normal_quantile") else None,
+    )

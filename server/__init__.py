@@ -1,0 +1,1 @@
+"""The gRPC scoring service (``bliss serve``): index registry, batching, health, metrics."""

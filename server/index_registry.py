@@ -1,0 +1,310 @@
+"""The index versions this server serves, and their hot swap.
+
+At start every active version is loaded; then the store is polled and a newly activated
+version is loaded *beside* the one being served, switched in with a single dict
+assignment on the event loop (atomic for every request that starts after it), and the
+old one is released once its in-flight requests have finished. A request leases the
+version it resolved, so it finishes on that version whatever happens meanwhile.
+
+A version that fails to load never takes the server down: the previous version (if any)
+keeps serving, the failure is logged and counted, and the load is retried later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from grpc_health.v1 import health_pb2
+
+from bliss.errors import BlissError, InvalidInputError, NotFoundError
+from bliss.scorer import InMemoryEntryStatistics, Scorer
+from bliss.server.encode_batcher import EncodeBatcher
+from bliss.server.status_codes import IndexUnavailableError
+from bliss.version_loader import load_scorer
+
+if TYPE_CHECKING:
+    from grpc_health.v1.health import aio as health_aio
+
+    from bliss.encoders import ClipEncoder
+    from bliss.server.metrics import ServerMetrics
+    from bliss.server.settings import ServerSettings
+    from bliss.store import Store, VersionRecord
+
+logger = logging.getLogger(__name__)
+
+OVERALL_HEALTH = ""
+# A version whose load failed is tried again after this long (a poll may come sooner).
+RETRY_FAILED_LOAD_S = 60.0
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+EncoderKey = tuple[str, str, "str | None"]
+
+
+@dataclass(eq=False)
+class ImageEncoding:
+    """An image encoder and its micro-batcher, shared by the versions of one model."""
+
+    key: EncoderKey
+    encoder: ClipEncoder
+    batcher: EncodeBatcher
+    users: int = 0
+
+
+@dataclass(eq=False)
+class ServedIndex:
+    """One loaded index version; ``in_flight`` counts the requests leasing it."""
+
+    version: VersionRecord
+    scorer: Scorer
+    images: ImageEncoding | None
+    images_unavailable_reason: str
+    loaded_at: datetime
+    in_flight: int = 0
+    retired: bool = False
+    released: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.version.label
+
+    @property
+    def statistics_source(self) -> str:
+        return "memory" if isinstance(self.scorer.statistics, InMemoryEntryStatistics) else "store"
+
+
+@dataclass(frozen=True)
+class _FailedLoad:
+    version: VersionRecord
+    reason: str
+    at: float
+
+
+class IndexRegistry:
+    def __init__(
+        self,
+        store: Store,
+        settings: ServerSettings,
+        metrics: ServerMetrics,
+        health: health_aio.HealthServicer,
+    ) -> None:
+        self._store = store
+        self._settings = settings
+        self._metrics = metrics
+        self._health = health
+        self._served: dict[str, ServedIndex] = {}
+        self._failed: dict[str, _FailedLoad] = {}
+        self._encodings: dict[EncoderKey, ImageEncoding] = {}
+        self._background: set[asyncio.Task] = set()
+
+    # ------------------------------------------------------------------ requests
+
+    def served_indexes(self) -> list[ServedIndex]:
+        return [self._served[name] for name in sorted(self._served)]
+
+    def resolve(self, name: str) -> ServedIndex:
+        """The served version of index ``name`` ('' when exactly one index is active)."""
+        known = sorted(set(self._served) | set(self._failed))
+        if not name:
+            if len(known) > 1:
+                raise InvalidInputError(
+                    f"this server serves {len(known)} indexes ({', '.join(known)}): set the "
+                    "index name in the request options"
+                )
+            if not known:
+                raise NotFoundError(
+                    "no index is active in the store: build one and activate it "
+                    "(bliss index activate NAME --version N); the server picks it up on its "
+                    "next poll"
+                )
+            name = known[0]
+        served = self._served.get(name)
+        if served is not None:
+            return served
+        failed = self._failed.get(name)
+        if failed is not None:
+            raise IndexUnavailableError(
+                f"index {name!r} is active but its version {failed.version.label} failed to "
+                f"load here: {failed.reason}; the server retries every "
+                f"{RETRY_FAILED_LOAD_S:.0f} s (see its log)"
+            )
+        raise NotFoundError(
+            f"no active index is named {name!r}; served: {', '.join(known) or 'none'}"
+        )
+
+    @contextmanager
+    def lease(self, name: str) -> Iterator[ServedIndex]:
+        """Resolve ``name`` and keep that version alive until the block ends."""
+        served = self.resolve(name)
+        served.in_flight += 1
+        try:
+            yield served
+        finally:
+            served.in_flight -= 1
+            if served.retired and served.in_flight == 0:
+                self._release(served)
+
+    # ------------------------------------------------------------------ loading
+
+    async def refresh(self) -> None:
+        """Load every active version not served yet; retire what is no longer active."""
+        try:
+            active = await asyncio.to_thread(self._store.active_versions)
+        except Exception as error:
+            # A store outage must not stop scoring with the versions already loaded.
+            logger.warning("cannot poll the store (%s); serving the loaded versions", error)
+            return
+        active_names = {version.name for version in active}
+        for version in active:
+            current = self._served.get(version.name)
+            if current is not None and current.version.id == version.id:
+                self._failed.pop(version.name, None)
+                continue
+            if self._should_wait_before_retrying(version):
+                continue
+            await self._load(version)
+        for name in [n for n in self._served if n not in active_names]:
+            logger.warning("index %s is no longer active in the store: stopped serving it", name)
+            self._retire(self._served.pop(name))
+            self._metrics.index_version.remove(name)
+            await self._health.set(name, _NOT_SERVING)
+        for name in [n for n in self._failed if n not in active_names]:
+            del self._failed[name]
+        await self._health.set(OVERALL_HEALTH, _SERVING if self._served else _NOT_SERVING)
+
+    async def poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.poll_interval_s)
+            await self.refresh()
+
+    async def close(self) -> None:
+        for served in self._served.values():
+            self._retire(served)
+        self._served.clear()
+        for encoding in list(self._encodings.values()):
+            await encoding.batcher.close()
+        self._encodings.clear()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    def _should_wait_before_retrying(self, version: VersionRecord) -> bool:
+        failed = self._failed.get(version.name)
+        return (
+            failed is not None
+            and failed.version.id == version.id
+            and time.monotonic() - failed.at < RETRY_FAILED_LOAD_S
+        )
+
+    async def _load(self, version: VersionRecord) -> None:
+        started = time.monotonic()
+        logger.info("loading %s", version.label)
+        try:
+            scorer = await asyncio.to_thread(self._load_scorer, version)
+        except Exception as error:
+            # Whatever broke (missing or changed FAISS file, incomplete rows, store outage),
+            # the versions already served keep serving.
+            if isinstance(error, BlissError):
+                logger.warning("cannot load %s: %s", version.label, error)
+            else:
+                logger.exception("cannot load %s", version.label)
+            self._failed[version.name] = _FailedLoad(version, str(error), time.monotonic())
+            self._metrics.index_loads.labels(version.name, "failed").inc()
+            if version.name not in self._served:
+                await self._health.set(version.name, _NOT_SERVING)
+            return
+        images, reason = await self._image_encoding(version)
+        served = ServedIndex(
+            version=version,
+            scorer=scorer,
+            images=images,
+            images_unavailable_reason=reason,
+            loaded_at=datetime.now(timezone.utc),
+        )
+        previous = self._served.get(version.name)
+        self._served[version.name] = served  # the switch
+        self._failed.pop(version.name, None)
+        self._metrics.index_loads.labels(version.name, "loaded").inc()
+        self._metrics.index_version.labels(version.name).set(version.version)
+        await self._health.set(version.name, _SERVING)
+        logger.info(
+            "serving %s (statistics from %s%s) after %.1f s%s",
+            version.label,
+            served.statistics_source,
+            "" if images else "; images refused: " + reason,
+            time.monotonic() - started,
+            f", replacing {previous.label}" if previous else "",
+        )
+        if previous is not None:
+            self._retire(previous)
+
+    def _load_scorer(self, version: VersionRecord) -> Scorer:
+        return load_scorer(
+            self._store,
+            version,
+            self._settings.data_dir,
+            memory_budget_bytes=self._settings.memory_budget_bytes,
+            use_gpu=self._settings.faiss_gpu,
+        )
+
+    async def _image_encoding(self, version: VersionRecord) -> tuple[ImageEncoding | None, str]:
+        from bliss.version_loader import image_encoder_for
+
+        key: EncoderKey = (version.model_name, version.model_weights, version.model_checksum)
+        encoding = self._encodings.get(key)
+        if encoding is None:
+            try:
+                encoder = await asyncio.to_thread(
+                    image_encoder_for,
+                    version,
+                    self._settings.device,
+                    self._settings.encode_batch_size,
+                )
+            except BlissError as error:
+                return None, str(error)
+            except Exception as error:
+                logger.exception("the image encoder of %s failed to load", version.label)
+                return None, f"its image encoder failed to load ({type(error).__name__}: {error})"
+            batcher = EncodeBatcher(
+                encoder.encode_image_batch,
+                name=version.model_name,
+                max_batch=self._settings.encode_batch_size,
+                max_delay_s=self._settings.encode_max_delay_ms / 1000,
+                on_batch=self._metrics.encode_batch_images.observe,
+            )
+            encoding = self._encodings[key] = ImageEncoding(key, encoder, batcher)
+        encoding.users += 1
+        return encoding, ""
+
+    # ------------------------------------------------------------------ release
+
+    def _retire(self, served: ServedIndex) -> None:
+        served.retired = True
+        if served.in_flight == 0:
+            self._release(served)
+        else:
+            logger.info(
+                "%s retired; releasing it when its %d in-flight requests finish",
+                served.label,
+                served.in_flight,
+            )
+
+    def _release(self, served: ServedIndex) -> None:
+        if served.released:
+            return
+        served.released = True
+        encoding = served.images
+        if encoding is not None:
+            encoding.users -= 1
+            if encoding.users == 0 and self._encodings.get(encoding.key) is encoding:
+                del self._encodings[encoding.key]
+                task = asyncio.get_running_loop().create_task(encoding.batcher.close())
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        logger.info("released %s", served.label)

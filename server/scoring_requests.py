@@ -1,0 +1,199 @@
+"""Protobuf requests to validated arrays, and score batches to protobuf responses.
+
+Validation happens before any expensive work (image decoding, encoding, FAISS) and every
+message names the item at fault: ``item 3 (id 'cam7/0012.jpg')``. The scoring itself is
+:meth:`bliss.scorer.Scorer.score`; nothing here computes a score.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from bliss.errors import InvalidInputError
+from bliss.scorer import Scorer
+from bliss.scoring import ScoreBatch, ScoringMode
+from bliss.server.status_codes import BatchTooLargeError
+from bliss.v1 import scorer_pb2
+
+_MODES = {
+    scorer_pb2.SCORING_MODE_UNSPECIFIED: ScoringMode.BLISS,
+    scorer_pb2.SCORING_MODE_BLISS: ScoringMode.BLISS,
+    scorer_pb2.SCORING_MODE_IC: ScoringMode.IC,
+    scorer_pb2.SCORING_MODE_IC_RAW: ScoringMode.IC_RAW,
+}
+_SHOWN_ITEMS = 5
+_FLOAT32_LE = np.dtype("<f4")
+
+
+def describe_item(position: int, item_id: str) -> str:
+    return f"item {position} (id {item_id!r})" if item_id else f"item {position}"
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    mode: ScoringMode
+    k: int | None
+    lam: float | None
+    class_scores: bool
+    top_entries: bool
+
+
+@dataclass
+class ParsedItems:
+    """A request's items: embedding rows filled in, image rows waiting for the encoder."""
+
+    ids: list[str]
+    embeddings: np.ndarray  # float32 [B, D]
+    image_positions: list[int]
+    images: list[bytes]
+
+
+def parse_options(options: scorer_pb2.ScoreOptions, scorer: Scorer, label: str) -> ScoringOptions:
+    mode = _MODES.get(options.mode)
+    if mode is None:
+        raise InvalidInputError(
+            f"unknown scoring mode {options.mode}: use SCORING_MODE_BLISS, SCORING_MODE_IC or "
+            "SCORING_MODE_IC_RAW"
+        )
+    k = options.k if options.HasField("k") else None
+    if k is not None and not 1 <= k <= scorer.dictionary_size:
+        raise InvalidInputError(
+            f"K={k} must be between 1 and the dictionary size of {label} "
+            f"({scorer.dictionary_size} entries)"
+        )
+    if k is None and scorer.defaults.k > scorer.dictionary_size:
+        raise InvalidInputError(
+            f"the default K={scorer.defaults.k} of {label} exceeds its dictionary size "
+            f"({scorer.dictionary_size} entries): set K in the request"
+        )
+    lam = options.lambda_weight if options.HasField("lambda_weight") else None
+    if lam is not None and not math.isfinite(lam):
+        raise InvalidInputError(f"lambda must be a finite number, got {lam}")
+    return ScoringOptions(
+        mode=mode,
+        k=k,
+        lam=lam,
+        class_scores=options.return_class_scores,
+        top_entries=options.return_top_entries,
+    )
+
+
+def parse_items(items: list[scorer_pb2.Item], dim: int, label: str, max_items: int) -> ParsedItems:
+    """Check sizes and dimensions; decode embedding bytes; NaN/inf/zero rows are refused."""
+    if not items:
+        raise InvalidInputError("the request has no items: send at least one image or embedding")
+    if len(items) > max_items:
+        raise BatchTooLargeError(
+            f"the request has {len(items)} items, over the server's limit of {max_items} "
+            "(--max-batch-items): split it into smaller requests"
+        )
+    ids: list[str] = []
+    embedding_positions: list[int] = []
+    values: list[bytes] = []
+    image_positions: list[int] = []
+    images: list[bytes] = []
+    expected_bytes = dim * _FLOAT32_LE.itemsize
+    for position, item in enumerate(items):
+        ids.append(item.id)
+        kind = item.WhichOneof("input")
+        if kind == "embedding":
+            embedding = item.embedding
+            if embedding.dim != dim or len(embedding.values) != expected_bytes:
+                raise InvalidInputError(
+                    f"{describe_item(position, item.id)}: {_embedding_shape_problem(embedding)}; "
+                    f"index {label} takes {dim}-dimensional float32 embeddings "
+                    f"({expected_bytes} bytes, little-endian)"
+                )
+            embedding_positions.append(position)
+            values.append(embedding.values)
+        elif kind == "image":
+            image_positions.append(position)
+            images.append(item.image)
+        else:
+            raise InvalidInputError(
+                f"{describe_item(position, item.id)} has neither an image nor an embedding"
+            )
+    embeddings = np.zeros((len(items), dim), dtype=np.float32)
+    if values:
+        rows = np.frombuffer(b"".join(values), dtype=_FLOAT32_LE).reshape(len(values), dim)
+        _reject_unusable_rows(rows, embedding_positions, ids)
+        if len(values) == len(items):
+            embeddings = rows.astype(np.float32, copy=False)
+        else:
+            embeddings[embedding_positions] = rows
+    return ParsedItems(ids, embeddings, image_positions, images)
+
+
+def _embedding_shape_problem(embedding: scorer_pb2.Embedding) -> str:
+    size = len(embedding.values)
+    if size % _FLOAT32_LE.itemsize:
+        return f"embedding.values has {size} bytes, not a whole number of float32 values"
+    if size // _FLOAT32_LE.itemsize != embedding.dim:
+        values = size // _FLOAT32_LE.itemsize
+        return (
+            f"embedding.values holds {values} float32 values but embedding.dim is {embedding.dim}"
+        )
+    return f"the embedding has dimension {embedding.dim}"
+
+
+def _reject_unusable_rows(rows: np.ndarray, positions: list[int], ids: list[str]) -> None:
+    finite = np.isfinite(rows).all(axis=1)
+    _reject(~finite, positions, ids, "NaN or infinite values in the embedding")
+    zero = ~rows.any(axis=1)
+    _reject(zero, positions, ids, "the embedding is all zeros (it has no direction to compare)")
+
+
+def _reject(bad: np.ndarray, positions: list[int], ids: list[str], problem: str) -> None:
+    if not bad.any():
+        return
+    rows = np.flatnonzero(bad)
+    named = [describe_item(positions[r], ids[positions[r]]) for r in rows[:_SHOWN_ITEMS]]
+    more = f" and {len(rows) - _SHOWN_ITEMS} more" if len(rows) > _SHOWN_ITEMS else ""
+    raise InvalidInputError(f"{', '.join(named)}{more}: {problem}")
+
+
+def build_response(
+    batch: ScoreBatch, scorer: Scorer, ids: list[str], options: ScoringOptions
+) -> scorer_pb2.ScoreResponse:
+    """One ScoreResult per item, in order (plain loops over lists: protobuf's fast path)."""
+    response = scorer_pb2.ScoreResponse()
+    names = scorer.classes.names
+    label = scorer.label
+    nearest = [names[i] for i in batch.nearest_class.tolist()]
+    quantiles = None if batch.normal_quantile is None else batch.normal_quantile.tolist()
+    class_scores = batch.class_scores.tolist() if options.class_scores else None
+    if options.class_scores:
+        response.class_names.extend(names)
+    texts = scorer.entry_texts(batch.top_entry_ids) if options.top_entries else None
+    similarities = batch.top_entry_similarities.tolist() if options.top_entries else None
+    results = response.results
+    for row, (item_id, score, internal, external) in enumerate(
+        zip(
+            ids,
+            batch.score.tolist(),
+            batch.internal_class_score.tolist(),
+            batch.external_text_score.tolist(),
+            strict=True,
+        )
+    ):
+        result = results.add()
+        result.id = item_id
+        result.score = score
+        result.internal_class_score = internal
+        result.external_text_score = external
+        result.nearest_class = nearest[row]
+        result.index_version = label
+        if class_scores is not None:
+            result.class_scores.extend(class_scores[row])
+        if texts is not None and similarities is not None:
+            entries = result.top_entries
+            for text, similarity in zip(texts[row], similarities[row], strict=True):
+                entry = entries.add()
+                entry.text = text
+                entry.similarity = similarity
+        if quantiles is not None:
+            result.normal_quantile = quantiles[row]
+    return response

@@ -1,0 +1,169 @@
+"""The server's typed settings: flags of ``bliss serve`` first, then ``BLISS_*`` variables.
+
+Every field is a flag of the same name with dashes (``max_batch_items`` is
+``--max-batch-items``) and a variable with the ``BLISS_`` prefix in capitals
+(``BLISS_MAX_BATCH_ITEMS``); the README lists them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_core import PydanticUndefined
+
+from bliss.errors import InvalidInputError
+from bliss.settings import StoreSettings, add_store_arguments
+
+LogFormat = Literal["text", "json"]
+
+
+def _default_threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+class ServerSettings(StoreSettings):
+    """Everything ``bliss serve`` can be told; see the README section "Serving"."""
+
+    host: str = Field("0.0.0.0", description="Address to listen on ('[::]' for IPv6 too).")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    poll_interval_s: float = Field(
+        10.0, gt=0, description="Seconds between store polls for newly activated versions."
+    )
+    max_batch_items: int = Field(
+        4096, ge=1, description="Most items one request may carry (RESOURCE_EXHAUSTED above)."
+    )
+    encode_batch_size: int = Field(
+        64, ge=1, description="Most images encoded together (micro-batches across requests)."
+    )
+    encode_max_delay_ms: float = Field(
+        5.0, ge=0, description="Longest wait for more images before a partial micro-batch runs."
+    )
+    max_message_mib: int = Field(
+        64, ge=1, le=2047, description="Largest request or response message, MiB."
+    )
+    memory_budget_mib: int = Field(
+        2048,
+        ge=0,
+        description="Hold a version's statistics in memory up to this size, else gather "
+        "from the store per batch (0 always gathers from the store).",
+    )
+    scoring_threads: int = Field(
+        2, ge=1, description="Batches scored at once (FAISS search, gather, scoring)."
+    )
+    faiss_threads: int = Field(
+        0, ge=0, description="OpenMP threads of one FAISS search; 0 leaves FAISS's default."
+    )
+    malloc_tuning: bool = Field(
+        True,
+        description="Keep freed scoring buffers mapped (glibc mmap/trim thresholds): up to "
+        "2x faster scoring on the pool threads, for up to 128 MiB of retained memory per arena.",
+    )
+    decode_threads: int = Field(
+        default_factory=_default_threads,
+        ge=1,
+        description="Threads decoding images (default: the CPU count, at most 8).",
+    )
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Largest decoded image, pixels (decompression-bomb guard)."
+    )
+    max_image_mib: float = Field(20.0, gt=0, description="Largest encoded image, MiB.")
+    device: str | None = Field(
+        None, description="Torch device for image encoding; default cuda when present, else cpu."
+    )
+    faiss_gpu: bool = Field(False, description="Move FAISS indexes to the GPUs (faiss-gpu).")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain: serve TLS.")
+    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert.")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA bundle: require client certificates signed by it (mTLS)."
+    )
+    auth_token: SecretStr | None = Field(
+        None,
+        description="Require 'authorization: Bearer TOKEN' on every call but health checks "
+        "(a flag shows in the process list: prefer the variable or --auth-token-file).",
+    )
+    auth_token_file: Path | None = Field(
+        None, description="File holding the bearer token (keeps it out of the process list)."
+    )
+    metrics: bool = Field(True, description="Serve Prometheus metrics over HTTP.")
+    metrics_host: str = Field("0.0.0.0", description="Address of the Prometheus endpoint.")
+    metrics_port: int = Field(
+        9464, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one."
+    )
+    log_format: LogFormat = Field("text", description="'text' or 'json' (one object a line).")
+    shutdown_delay_s: float = Field(
+        0.0,
+        ge=0,
+        description="On SIGTERM, how long to report NOT_SERVING while still serving, so load "
+        "balancers stop sending calls before the port closes.",
+    )
+    grace_period_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long in-flight calls may take to finish."
+    )
+    max_concurrent_rpcs: int | None = Field(
+        None, ge=1, description="Calls handled at once; more get RESOURCE_EXHAUSTED."
+    )
+
+    @model_validator(mode="after")
+    def _tls_files_come_in_pairs(self) -> ServerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both tls_cert and tls_key (or neither)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key too")
+        if self.auth_token is not None and self.auth_token_file is not None:
+            raise ValueError("give auth_token or auth_token_file, not both")
+        return self
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mib * 2**20
+
+    @property
+    def max_image_bytes(self) -> int:
+        return int(self.max_image_mib * 2**20)
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return self.memory_budget_mib * 2**20
+
+    def bearer_token(self) -> str | None:
+        """The configured token, read from auth_token_file when that is set."""
+        if self.auth_token is not None:
+            token = self.auth_token.get_secret_value()
+        elif self.auth_token_file is not None:
+            try:
+                token = self.auth_token_file.read_text(encoding="utf-8").strip()
+            except OSError as error:
+                raise InvalidInputError(
+                    f"cannot read the bearer token file {self.auth_token_file}: {error}"
+                ) from error
+        else:
+            return None
+        if not token:
+            raise InvalidInputError(
+                "the bearer token is empty: set a non-empty --auth-token / BLISS_AUTH_TOKEN, "
+                "or drop it to serve without token checks"
+            )
+        return token
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServerSettings field; unset flags defer to BLISS_* variables, then defaults."""
+    add_store_arguments(parser)
+    fields = ServerSettings.model_fields
+    group = parser.add_argument_group("server (each flag also reads BLISS_<FLAG_NAME>)")
+    for name, field in fields.items():
+        if name in StoreSettings.model_fields:
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = "" if field.default in (None, PydanticUndefined) else f"default {field.default}; "
+        help_text = f"{field.description} ({default}env BLISS_{name.upper()})"
+        if field.annotation is bool:
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        else:
+            group.add_argument(flag, default=None, metavar=name.upper(), help=help_text)

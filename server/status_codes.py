@@ -1,0 +1,53 @@
+"""The gRPC status of every expected failure, and the server's own error classes.
+
+Scoring code raises :class:`~bliss.errors.BlissError` subclasses whose message names the
+offending item; the servicer turns them into a status with :func:`status_code_for`.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from bliss.errors import (
+    BlissError,
+    InvalidInputError,
+    NotFoundError,
+    StoreError,
+    WeightsUnavailableError,
+)
+
+
+class BatchTooLargeError(BlissError):
+    """A request carries more items than the server's configured maximum."""
+
+
+class ImagesUnavailableError(BlissError):
+    """The index cannot encode images (precomputed embeddings, or no usable model)."""
+
+
+class IndexUnavailableError(BlissError):
+    """The index is active in the store but not loaded here (loading, or its load failed)."""
+
+
+class EncodingFailedError(BlissError):
+    """The image encoder failed on a micro-batch (not the caller's fault)."""
+
+
+_CODES: tuple[tuple[type[BlissError], grpc.StatusCode], ...] = (
+    (BatchTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ImagesUnavailableError, grpc.StatusCode.FAILED_PRECONDITION),
+    (IndexUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (EncodingFailedError, grpc.StatusCode.INTERNAL),
+    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (WeightsUnavailableError, grpc.StatusCode.FAILED_PRECONDITION),
+    # The store is unreachable or locked: transient, so clients may retry elsewhere.
+    (StoreError, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_code_for(error: BlissError) -> grpc.StatusCode:
+    for error_type, code in _CODES:
+        if isinstance(error, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
