@@ -246,7 +246,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="a ServerSettings field for the server, e.g. scoring_threads=1 (repeatable)",
+        help="a ServerSettings field for the server, e.g. scoring_threads=2 (repeatable)",
     )
     args = parser.parse_args()
     overrides = dict(setting.split("=", 1) for setting in args.server_setting)

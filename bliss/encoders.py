@@ -336,7 +336,7 @@ class ClipEncoder:
     def _encode_image_items(self, items: list[Image.Image | str | Path]) -> np.ndarray:
         import torch
 
-        pixels = torch.stack([self._transform(_open_rgb(item)) for item in items])
+        pixels = torch.stack([self._transform(open_rgb(item)) for item in items])
         return self.encode_image_batch(pixels)
 
     def _encode_batched(
@@ -364,7 +364,8 @@ def _l2_normalised(features: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
 
 
-def _open_rgb(item: Image.Image | str | Path) -> Image.Image:
+def open_rgb(item: Image.Image | str | Path) -> Image.Image:
+    """A PIL image in RGB, from an image or a file (InvalidInputError names a bad file)."""
     from PIL import Image
 
     if isinstance(item, Image.Image):

@@ -51,8 +51,10 @@ class ServerSettings(StoreSettings):
         description="Hold a version's statistics in memory up to this size, else gather "
         "from the store per batch (0 always gathers from the store).",
     )
+    # One by default: FAISS and BLAS already spread one search over every core, and two
+    # concurrent searches on 2 cores ran streaming at half the rate of one (benchmarks/).
     scoring_threads: int = Field(
-        2, ge=1, description="Batches scored at once (FAISS search, gather, scoring)."
+        1, ge=1, description="Batches scored at once (FAISS search, gather, scoring)."
     )
     faiss_threads: int = Field(
         0, ge=0, description="OpenMP threads of one FAISS search; 0 leaves FAISS's default."

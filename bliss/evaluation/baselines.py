@@ -33,14 +33,11 @@ def nearest_similarities(test: np.ndarray, normal: np.ndarray, k: int) -> np.nda
     Exact (a flat inner-product search). The k nearest of a union of banks are among the
     k nearest of each bank, so banks can be searched once and merged per trial.
     """
-    import faiss
+    from bliss.dictionary_index import build_index
 
     if k < 1:
         raise InvalidInputError(f"the DN2 k must be at least 1, got {k}")
-    k = min(k, normal.shape[0])
-    index = faiss.IndexFlatIP(normal.shape[1])
-    index.add(np.ascontiguousarray(normal, dtype=np.float32))
-    similarities, _ = index.search(np.ascontiguousarray(test, dtype=np.float32), k)
+    similarities, _ = build_index(normal).search(test, min(k, normal.shape[0]))
     return similarities
 
 

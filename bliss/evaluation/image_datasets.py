@@ -88,19 +88,6 @@ class ArrayImages(Sequence):
         return Image.fromarray(self.pixels[index])
 
 
-def open_rgb(item: Image.Image | Path) -> Image.Image:
-    """A PIL image in RGB, from an image or a file (InvalidInputError names a bad file)."""
-    from PIL import Image
-
-    if isinstance(item, Image.Image):
-        return item if item.mode == "RGB" else item.convert("RGB")
-    try:
-        with Image.open(item) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise InvalidInputError(f"cannot open image {item}: {error}") from error
-
-
 # ---------------------------------------------------------------------------- CIFAR
 
 

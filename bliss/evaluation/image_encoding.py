@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bliss.evaluation.image_datasets import open_rgb
+from bliss.encoders import open_rgb
 
 if TYPE_CHECKING:
     import torch
