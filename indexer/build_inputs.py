@@ -50,6 +50,10 @@ class BuildInputs(Protocol):
     @property
     def embedding_dim(self) -> int: ...
 
+    def class_sizes(self) -> list[int]:
+        """The number of normal images of each class, by position."""
+        ...
+
     def dictionary_size(self, workspace: BuildWorkspace) -> int:
         """The number of (de-duplicated) dictionary entries t."""
         ...
@@ -95,6 +99,10 @@ class BundleInputs:
     @property
     def embedding_dim(self) -> int:
         return self.bundle.dim
+
+    def class_sizes(self) -> list[int]:
+        counts = np.bincount(self.bundle.normal_labels, minlength=len(self.class_names))
+        return counts.tolist()
 
     def dictionary_size(self, workspace: BuildWorkspace) -> int:
         return len(self.bundle.dictionary_texts)
@@ -192,6 +200,9 @@ class ImageFolderInputs:
     @property
     def embedding_dim(self) -> int:
         return self.encoder.embedding_dim
+
+    def class_sizes(self) -> list[int]:
+        return [len(image_class.files) for image_class in self.classes]
 
     def dictionary_size(self, workspace: BuildWorkspace) -> int:
         self._write_texts(workspace)

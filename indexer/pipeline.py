@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from bliss.calibration import Calibration
+from bliss.calibration import Calibration, holdout_split
 from bliss.class_statistics import StatisticsPath
 from bliss.dictionary_index import IndexOptions, build_index
 from bliss.encoders import format_prompt
@@ -95,6 +95,7 @@ def build_version(
     ``executor`` runs the per-class statistics (default: in this process); the inputs
     carry their own encoder, made by the same executor.
     """
+    _check_calibration_fraction(options.calibration_fraction, inputs.class_sizes())
     fingerprint = options.fingerprint(inputs.fingerprint())
     existing = store.find_version_by_fingerprint(options.name, fingerprint)
     if existing is not None and existing.state is not VersionState.BUILDING:
@@ -307,11 +308,6 @@ class _Build:
                 for position in range(len(self.inputs.class_names))
             ]
         )
-        if len(held_out) == 0:
-            raise InvalidInputError(
-                "--calibration-fraction held out no image: every class is too small; "
-                "use a larger fraction or more normal images"
-            )
         scorer = load_scorer(self.store, self.store.get_version_by_id(version.id), self.data_dir)
         options = self.options
         calibration = Calibration(
@@ -329,6 +325,18 @@ class _Build:
         started = time.perf_counter()
         yield
         self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.perf_counter() - started
+
+
+def _check_calibration_fraction(fraction: float, class_sizes: list[int]) -> None:
+    """Refuse, before anything is written, a fraction that would hold out no image."""
+    if fraction == 0:
+        return
+    held_out = sum(len(holdout_split(size, fraction, 0)[1]) for size in class_sizes)
+    if held_out == 0:
+        raise InvalidInputError(
+            f"--calibration-fraction {fraction} holds out no image (classes of "
+            f"{max(class_sizes)} images at most): use a larger fraction or more normal images"
+        )
 
 
 def _statistics_file(position: int) -> str:

@@ -141,3 +141,17 @@ def test_bad_name_and_options(tmp_path):
         data_dir=data,
     )
     assert bad_template.code == 2 and "{label}" in bad_template.stderr
+
+
+def test_calibration_that_holds_out_nothing_is_refused_before_any_write(tmp_path):
+    world = synthetic_world(classes=2, entries=50, per_class=5, tests=1)
+    folder = bundle_from(world, tmp_path / "bundle")
+    data = tmp_path / "data"
+    for fraction, message in [("0.05", "holds out no image"), ("1.5", "must be in [0, 1)")]:
+        result = run_cli(
+            "index", "build", "--name", "c", "--from-embeddings", folder,
+            "--calibration-fraction", fraction, data_dir=data,
+        )  # fmt: skip
+        assert result.code == 2 and message in result.stderr, result.stderr
+    with Store.open(f"sqlite:///{data / 'bliss.sqlite3'}", migrate=True) as store:
+        assert store.list_versions() == []
