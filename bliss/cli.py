@@ -45,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    # faiss's loader reports at INFO which CPU build it picked; nobody needs that.
-    logging.getLogger("faiss").setLevel(max(level, logging.WARNING))
+    # faiss reports at INFO which CPU build it loaded, Alembic every plugin and revision
+    # it runs: the commands say what they did themselves.
+    for chatty in ("faiss", "alembic"):
+        logging.getLogger(chatty).setLevel(max(level, logging.WARNING))
     try:
         return args.handler(args)
     except BlissError as error:
