@@ -112,14 +112,19 @@ def write_bundle(
     np.save(folder / "normal_labels.npy", np.asarray(normal_labels, dtype=np.int64))
 
 
+def load_numeric_array(path: Path, *, mmap: bool = False) -> np.ndarray:
+    """An .npy file, refusing pickled object arrays with a message naming the file."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except ValueError as error:
+        raise InvalidInputError(f"{path} is not a numeric .npy array: {error}") from None
+
+
 def load_embeddings_file(path: Path) -> np.ndarray:
     """A [B, D] .npy file of embeddings to score, memory-mapped (rows are checked later)."""
     if not path.is_file():
         raise NotFoundError(f"embeddings file {path} does not exist")
-    try:
-        embeddings = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as error:
-        raise InvalidInputError(f"{path} is not a numeric .npy array: {error}") from None
+    embeddings = load_numeric_array(path, mmap=True)
     if embeddings.ndim != 2:
         raise InvalidInputError(f"{path} has shape {embeddings.shape}, expected [B, D]")
     return embeddings
@@ -141,10 +146,7 @@ def _read_lines(path: Path) -> list[str]:
 def _load_matrix(
     path: Path, *, rows: int | None, what: str | None, dim: int | None = None
 ) -> np.ndarray:
-    try:
-        matrix = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as error:
-        raise InvalidInputError(f"{path} is not a numeric .npy array: {error}") from None
+    matrix = load_numeric_array(path, mmap=True)
     if matrix.ndim != 2 or matrix.shape[0] == 0:
         raise InvalidInputError(f"{path} has shape {matrix.shape}, expected a non-empty 2-D array")
     if not np.issubdtype(matrix.dtype, np.floating):
@@ -178,10 +180,7 @@ def _is_unit_norm(matrix: np.ndarray, chunk_rows: int = 262_144) -> bool:
 
 
 def _load_labels(path: Path, count: int, classes: int) -> np.ndarray:
-    try:
-        labels = np.load(path, allow_pickle=False)
-    except ValueError as error:
-        raise InvalidInputError(f"{path} is not a numeric .npy array: {error}") from None
+    labels = load_numeric_array(path)
     if labels.ndim != 1 or labels.shape[0] != count:
         raise InvalidInputError(
             f"{path} has shape {labels.shape}, expected [{count}] (one per normal.npy row)"

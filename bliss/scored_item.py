@@ -55,12 +55,11 @@ def scored_items(
     scorer: Scorer,
     ids: list[str],
     *,
-    top_entries: bool = True,
     class_scores: bool = False,
 ) -> list[ScoredItem]:
     """Name the classes and entries of a score batch, one item per input, in order."""
     names = scorer.classes.names
-    texts = scorer.entry_texts(batch.top_entry_ids) if top_entries else [[] for _ in ids]
+    texts = scorer.entry_texts(batch.top_entry_ids)
     items = []
     for row, item_id in enumerate(ids):
         items.append(

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bliss.embedding_bundle import load_numeric_array
 from bliss.errors import InvalidInputError, NotFoundError
 from bliss.evaluation.splits import Trial
 
@@ -95,8 +96,8 @@ def load_test_split(folder: Path, dim: int, class_count: int) -> tuple[np.ndarra
             "test_labels.npy (int [m], the index into classes.txt, or -1 for an image of a "
             "class not listed there)"
         )
-    test = _load_array(folder / "test.npy")
-    labels = _load_array(folder / "test_labels.npy")
+    test = load_numeric_array(folder / "test.npy")
+    labels = load_numeric_array(folder / "test_labels.npy")
     if test.ndim != 2 or test.shape[1] != dim or test.shape[0] == 0:
         raise InvalidInputError(
             f"{folder / 'test.npy'} has shape {test.shape}, expected a non-empty [m, {dim}] array"
@@ -122,10 +123,3 @@ def load_test_split(folder: Path, dim: int, class_count: int) -> tuple[np.ndarra
             f"{folder / 'test.npy'} row {int(bad[0])} contains NaN, inf or only zeros"
         )
     return (test / norms[:, None]).astype(np.float32), labels.astype(np.int64)
-
-
-def _load_array(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except ValueError as error:
-        raise InvalidInputError(f"{path} is not a numeric .npy array: {error}") from None
