@@ -72,7 +72,7 @@ def run(url: str, n_classes: int, n_entries: int) -> dict[str, float]:
             ClassRecord(
                 position=c, name=f"class {c}", prompt=f"a photo of class {c}",
                 label_embedding=np.ones(dim, np.float32), label_mean=0.2, label_std=0.01,
-                sample_count=10, moment_sum=np.ones(dim), moment_outer=np.eye(dim),
+                sample_count=10, moment_mean=np.ones(dim), moment_covariance=np.eye(dim),
             )
             for c in range(n_classes)
         ])  # fmt: skip

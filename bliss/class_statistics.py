@@ -35,11 +35,16 @@ class StatisticsPath(str, Enum):
 
 @dataclass(frozen=True)
 class ClassMoments:
-    """Running first and second moments of one class's normal embeddings (float64)."""
+    """Count, mean and centred scatter of one class's normal embeddings (float64).
+
+    The scatter is sum((z - mean)(z - mean)^T), kept centred and merged with Chan et
+    al.'s pairwise update: the raw form sum(z z^T) / n - mean mean^T cancels badly for
+    unit vectors whose per-direction spread is tiny next to their mean.
+    """
 
     count: int
-    total: np.ndarray  # [D] sum of z
-    outer: np.ndarray  # [D, D] sum of z z^T
+    mean_vector: np.ndarray  # [D]
+    scatter: np.ndarray  # [D, D], centred
 
     @classmethod
     def empty(cls, dim: int) -> ClassMoments:
@@ -47,11 +52,23 @@ class ClassMoments:
 
     @classmethod
     def of(cls, embeddings: np.ndarray) -> ClassMoments:
-        return cls.empty(embeddings.shape[1]).add(embeddings)
+        z = np.asarray(embeddings, dtype=np.float64)
+        if z.ndim != 2:
+            raise InvalidInputError(f"embeddings of shape {z.shape} are not an [n, D] matrix")
+        if z.shape[0] == 0:
+            return cls.empty(z.shape[1])
+        mean = z.mean(axis=0)
+        centred = z - mean
+        return cls(z.shape[0], mean, centred.T @ centred)
+
+    @classmethod
+    def from_covariance(cls, count: int, mean: np.ndarray, covariance: np.ndarray) -> ClassMoments:
+        """Moments as stored: population covariance = scatter / count."""
+        return cls(count, np.asarray(mean, np.float64), np.asarray(covariance, np.float64) * count)
 
     @property
     def dim(self) -> int:
-        return int(self.total.shape[0])
+        return int(self.mean_vector.shape[0])
 
     def add(self, embeddings: np.ndarray) -> ClassMoments:
         """These moments with ``embeddings`` [n, D] folded in (self is left unchanged)."""
@@ -60,25 +77,35 @@ class ClassMoments:
             raise InvalidInputError(
                 f"embeddings of shape {z.shape} do not match dimension {self.dim}"
             )
-        return ClassMoments(
-            self.count + z.shape[0], self.total + z.sum(axis=0), self.outer + z.T @ z
-        )
+        if z.shape[0] == 0:
+            return self
+        return self.merge(ClassMoments.of(z))
 
     def merge(self, other: ClassMoments) -> ClassMoments:
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        count = self.count + other.count
+        delta = other.mean_vector - self.mean_vector
         return ClassMoments(
-            self.count + other.count, self.total + other.total, self.outer + other.outer
+            count,
+            self.mean_vector + delta * (other.count / count),
+            self.scatter
+            + other.scatter
+            + np.outer(delta, delta) * (self.count * other.count / count),
         )
 
     @property
     def mean(self) -> np.ndarray:
         self._require_samples()
-        return self.total / self.count
+        return self.mean_vector
 
     @property
     def covariance(self) -> np.ndarray:
         """Population (ddof = 0) covariance."""
-        mean = self.mean
-        return self.outer / self.count - np.outer(mean, mean)
+        self._require_samples()
+        return self.scatter / self.count
 
     def _require_samples(self) -> None:
         if self.count == 0:
@@ -125,11 +152,30 @@ def moment_statistics(
     mean = np.empty(vectors.shape[0], dtype=np.float64)
     std = np.empty(vectors.shape[0], dtype=np.float64)
     for start, block in _row_blocks(vectors, rows):
-        mean[start : start + len(block)] = block @ mean_vector
-        variance = np.einsum("td,td->t", block @ covariance, block)
-        # Rounding can leave a zero variance (one image, identical images) a hair below 0.
-        std[start : start + len(block)] = np.sqrt(np.maximum(variance, 0.0))
+        stop = start + len(block)
+        mean[start:stop], std[start:stop] = _moment_mean_std(mean_vector, covariance, block)
     return SimilarityStatistics(mean, std)
+
+
+def stacked_moment_statistics(
+    means: np.ndarray, covariances: np.ndarray, vectors: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. 8 of every class at a few vectors: what moments mode computes per request.
+
+    ``means`` [N, D] and ``covariances`` [N, D, D] are the classes' moments, ``vectors``
+    [u, D] the dictionary entries hit; returns mean and std, float64 [N, u].
+    """
+    return _moment_mean_std(means, covariances, np.asarray(vectors, dtype=np.float64))
+
+
+def _moment_mean_std(
+    mean_vector: np.ndarray, covariance: np.ndarray, vectors: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """mu = v . m and sigma = sqrt(v' S v) for rows v; broadcasts over leading class axes."""
+    mean = vectors @ mean_vector[..., :, None]
+    variance = np.einsum("...td,td->...t", vectors @ covariance, vectors)
+    # Rounding can leave a zero variance (one image, identical images) a hair below 0.
+    return mean[..., 0], np.sqrt(np.maximum(variance, 0.0))
 
 
 def cheaper_path(sample_count: int, dim: int) -> StatisticsPath:

@@ -12,18 +12,23 @@ harness and the benchmarks all exchange.
 
 Every embedding is L2-normalised on load (a no-op for encoder output). Loading checks
 everything and reports the first problem as one line naming the file.
+
+An *extension* (``bliss index extend --from-embeddings``) is a folder with either or both
+halves: ``dictionary.txt`` + ``dictionary.npy`` (entries to add) and ``classes.txt`` +
+``normal.npy`` + ``normal_labels.npy`` (normal images to add to existing classes).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from bliss.errors import InvalidInputError, NotFoundError
+from bliss.npy_files import DEFAULT_CHUNK_BYTES, iter_row_chunks, npy_layout
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +95,67 @@ def load_bundle(folder: Path) -> EmbeddingBundle:
         normal=_unit_rows(normal),
         normal_labels=labels,
     )
+
+
+@dataclass(frozen=True)
+class EmbeddingExtension:
+    folder: Path
+    dictionary_texts: list[str]  # entries to add (may be empty)
+    dictionary: np.ndarray  # float32 [u, D]
+    normal: dict[str, np.ndarray]  # class name -> float32 [n, D] images to add
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir() if p.is_file() and p.name in FILES)
+
+
+def load_extension(folder: Path, dim: int, class_names: Sequence[str]) -> EmbeddingExtension:
+    """Load an extension folder for a version of dimension ``dim`` with ``class_names``."""
+    if not folder.is_dir():
+        raise NotFoundError(f"extension folder {folder} does not exist")
+    halves = (
+        ("dictionary.txt", "dictionary.npy"),
+        ("classes.txt", "normal.npy", "normal_labels.npy"),
+    )
+    present = [all((folder / name).is_file() for name in half) for half in halves]
+    for half, complete in zip(halves, present, strict=True):
+        partial = [name for name in half if (folder / name).is_file()]
+        if partial and not complete:
+            raise NotFoundError(
+                f"extension folder {folder} has {', '.join(partial)} but not all of "
+                f"{', '.join(half)}: add the missing files or remove these"
+            )
+    if not any(present):
+        raise NotFoundError(
+            f"extension folder {folder} adds nothing: give dictionary.txt + dictionary.npy "
+            "and/or classes.txt + normal.npy + normal_labels.npy"
+        )
+    texts: list[str] = []
+    dictionary = np.zeros((0, dim), dtype=np.float32)
+    if present[0]:
+        texts = _read_lines(folder / "dictionary.txt")
+        matrix = _load_matrix(
+            folder / "dictionary.npy", rows=len(texts), what="dictionary.txt", dim=dim
+        )
+        texts, matrix = _drop_duplicate_entries(texts, matrix, folder / "dictionary.txt")
+        dictionary = _unit_rows(matrix)
+    return EmbeddingExtension(
+        folder, texts, dictionary, _extension_normal(folder, dim, class_names) if present[1] else {}
+    )
+
+
+def _extension_normal(folder: Path, dim: int, class_names: Sequence[str]) -> dict[str, np.ndarray]:
+    names = _read_lines(folder / "classes.txt")
+    _reject_duplicate_classes(names, folder / "classes.txt")
+    unknown = [name for name in names if name not in class_names]
+    if unknown:
+        raise InvalidInputError(
+            f"{folder / 'classes.txt'} names {unknown[0]!r}, not a class of the version: "
+            f"extend adds images to its classes ({', '.join(class_names)}); build a new index "
+            "for new classes"
+        )
+    normal = _unit_rows(_load_matrix(folder / "normal.npy", rows=None, what=None, dim=dim))
+    labels = _load_labels(folder / "normal_labels.npy", len(normal), len(names))
+    return {name: normal[labels == position] for position, name in enumerate(names)}
 
 
 def write_bundle(
@@ -162,18 +228,33 @@ def _load_matrix(
     return matrix
 
 
-def _reject_bad_rows(matrix: np.ndarray, path: Path, chunk_rows: int = 262_144) -> None:
-    for start in range(0, matrix.shape[0], chunk_rows):
-        block = np.asarray(matrix[start : start + chunk_rows], dtype=np.float32)
+def _row_chunks(matrix: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """float32 chunks of rows; a memory map is read with plain reads, so that a pass
+    over a huge dictionary does not leave all of it in the resident set."""
+    if isinstance(matrix, np.memmap) and _maps_whole_file(matrix):
+        for start, block in iter_row_chunks(Path(matrix.filename)):
+            yield start, block.astype(np.float32, copy=False)
+        return
+    rows = max(1, DEFAULT_CHUNK_BYTES // max(1, 4 * matrix.shape[1]))
+    for start in range(0, matrix.shape[0], rows):
+        yield start, np.asarray(matrix[start : start + rows], dtype=np.float32)
+
+
+def _maps_whole_file(matrix: np.memmap) -> bool:
+    path = Path(matrix.filename) if matrix.filename else None
+    return path is not None and path.suffix == ".npy" and npy_layout(path)[0] == matrix.shape
+
+
+def _reject_bad_rows(matrix: np.ndarray, path: Path) -> None:
+    for start, block in _row_chunks(matrix):
         bad = ~np.isfinite(block).all(axis=1) | ~block.any(axis=1)
         if bad.any():
             row = start + int(np.flatnonzero(bad)[0])
             raise InvalidInputError(f"{path} row {row} contains NaN, inf or only zeros")
 
 
-def _is_unit_norm(matrix: np.ndarray, chunk_rows: int = 262_144) -> bool:
-    for start in range(0, matrix.shape[0], chunk_rows):
-        block = np.asarray(matrix[start : start + chunk_rows], dtype=np.float32)
+def _is_unit_norm(matrix: np.ndarray) -> bool:
+    for _, block in _row_chunks(matrix):
         if np.abs(np.linalg.norm(block, axis=1) - 1.0).max() > 1e-4:
             return False
     return True

@@ -6,13 +6,14 @@ evaluation harness all build a :class:`Scorer` and call :meth:`Scorer.score`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
 
 from bliss.calibration import Calibration
-from bliss.class_statistics import StatisticsTable
+from bliss.class_statistics import StatisticsTable, stacked_moment_statistics
 from bliss.errors import InvalidInputError
 from bliss.scoring import (
     DEFAULT_EPS,
@@ -41,6 +42,8 @@ class DictionarySearch(Protocol):
 class EntryStatisticsSource(Protocol):
     """Eq. 8 statistics of every class at given dictionary entries."""
 
+    source: str  # where they come from, as index info reports it
+
     def gather(self, entry_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mean and std, float64 [B, N, K], for ``entry_ids`` int64 [B, K]."""
         ...
@@ -54,6 +57,8 @@ class EntryTextSource(Protocol):
 
 class InMemoryEntryStatistics:
     """Statistics held as two float64 [N, t] arrays."""
+
+    source = "memory"
 
     def __init__(self, mean: np.ndarray, std: np.ndarray) -> None:
         self.mean = mean
@@ -69,6 +74,33 @@ class InMemoryEntryStatistics:
     @property
     def nbytes(self) -> int:
         return int(self.mean.nbytes + self.std.nbytes)
+
+
+class MomentsEntryStatistics:
+    """Moments mode: eq. 8 computed for the hits from each class's mean and covariance.
+
+    mean = e . mu_c and var = e' Sigma_c e for the exact vector e of every distinct hit;
+    memory is O(N D^2) whatever the dictionary size.
+    """
+
+    source = "moments"
+
+    def __init__(
+        self,
+        means: np.ndarray,
+        covariances: np.ndarray,
+        vectors_at: Callable[[np.ndarray], np.ndarray],
+    ) -> None:
+        self.means = np.ascontiguousarray(means, dtype=np.float64)  # [N, D]
+        self.covariances = np.ascontiguousarray(covariances, dtype=np.float64)  # [N, D, D]
+        self.vectors_at = vectors_at  # ids int64 [u] -> exact vectors [u, D]
+
+    def gather(self, entry_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        unique, inverse = np.unique(entry_ids, return_inverse=True)
+        mean, std = stacked_moment_statistics(self.means, self.covariances, self.vectors_at(unique))
+        positions = inverse.reshape(entry_ids.shape)
+        # [N, B, K] -> [B, N, K]
+        return np.moveaxis(mean[:, positions], 0, 1), np.moveaxis(std[:, positions], 0, 1)
 
 
 class InMemoryEntryTexts:
@@ -153,6 +185,18 @@ class Scorer:
             texts=InMemoryEntryTexts(entry_texts),
             defaults=defaults,
             label=label,
+        )
+
+    def with_index(self, index: DictionarySearch) -> Scorer:
+        """This scorer searching ``index`` instead (e.g. exact search, for comparison)."""
+        return Scorer(
+            index=index,
+            classes=self.classes,
+            statistics=self.statistics,
+            texts=self.entry_text_source,
+            defaults=self.defaults,
+            label=self.label,
+            calibration=self.calibration,
         )
 
     @property

@@ -1,8 +1,11 @@
 """Turn a stored index version into a :class:`~bliss.scorer.Scorer`.
 
-The FAISS file is memory-mapped. The statistics (N x t pairs of float64) and the entry
-texts are held in memory when they fit the memory budget, else each batch gathers just
-the rows it needs from the store; both paths return the same numbers.
+The FAISS file and the version's serving artifacts (entry texts, table-mode statistics,
+exact vectors of IVF-PQ) are memory-mapped: loading reads the manifest and checks file
+sizes, not every byte (``verify=True`` hashes everything, as activation and ``bliss
+index verify`` do). Moments-mode versions compute eq. 8 for the hits from the classes'
+moments. Versions built before serving artifacts existed read their statistics and
+texts from the store: into memory under the memory budget, else per batch.
 """
 
 from __future__ import annotations
@@ -15,16 +18,26 @@ import numpy as np
 
 from bliss.dictionary_index import DictionaryIndex, IndexKind
 from bliss.errors import InvalidInputError
+from bliss.gpu_index import GpuOptions
 from bliss.scorer import (
     EntryStatisticsSource,
     EntryTextSource,
     InMemoryEntryStatistics,
     InMemoryEntryTexts,
+    MomentsEntryStatistics,
     NormalClasses,
     Scorer,
     ScoringDefaults,
 )
-from bliss.store import Store, VersionRecord
+from bliss.serving_artifacts import (
+    MappedEntryStatistics,
+    MappedEntryTexts,
+    artifacts_directory,
+    mapped_vectors,
+    read_manifest,
+    verify_artifacts,
+)
+from bliss.store import StatisticsMode, Store, VersionRecord
 
 if TYPE_CHECKING:
     from bliss.encoders import ClipEncoder
@@ -41,6 +54,8 @@ _BYTES_PER_TEXT = 96
 
 class StoreEntryStatistics:
     """Gathers each batch's statistics from the store: one query per batch."""
+
+    source = "store"
 
     def __init__(self, store: Store, version_id: int, n_classes: int) -> None:
         self.store = store
@@ -75,16 +90,25 @@ def load_scorer(
     *,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     use_gpu: bool = False,
-    verify_checksum: bool = True,
+    gpu_options: GpuOptions | None = None,
+    verify: bool = False,
 ) -> Scorer:
-    """Load a fully written ``version`` (FAISS file, classes, entries, statistics)."""
+    """Load a fully written ``version`` (FAISS file, classes, artifacts or store rows)."""
+    faiss_file = data_dir / version.faiss_path
+    artifacts = None
+    if version.artifacts_checksum is not None:
+        artifacts = artifacts_directory(faiss_file)
+        check = verify_artifacts if verify else read_manifest
+        check(artifacts, faiss_file, version.artifacts_checksum)
+    kind = IndexKind(version.faiss_kind)
     index = DictionaryIndex.load(
-        data_dir / version.faiss_path,
-        IndexKind(version.faiss_kind),
-        expected_checksum=version.faiss_checksum if verify_checksum else None,
+        faiss_file,
+        kind,
+        expected_checksum=version.faiss_checksum if verify and artifacts is None else None,
+        exact_vectors=mapped_vectors(artifacts) if artifacts and kind is IndexKind.IVFPQ else None,
     )
     if use_gpu:
-        index = index.to_gpus()
+        index = index.to_gpus(gpu_options)
     records = store.load_classes(version.id)
     classes = NormalClasses(
         names=tuple(r.name for r in records),
@@ -92,7 +116,19 @@ def load_scorer(
         label_mean=np.array([r.label_mean for r in records], dtype=np.float64),
         label_std=np.array([r.label_std for r in records], dtype=np.float64),
     )
-    statistics, texts = _statistics_sources(store, version, len(records), memory_budget_bytes)
+    if artifacts is None:
+        statistics, texts = _store_sources(store, version, len(records), memory_budget_bytes)
+    else:
+        texts = MappedEntryTexts(artifacts)
+        statistics = (
+            MomentsEntryStatistics(
+                np.stack([r.moment_mean for r in records]),
+                np.stack([r.moment_covariance for r in records]),
+                index.vectors_at,
+            )
+            if version.statistics_mode is StatisticsMode.MOMENTS
+            else MappedEntryStatistics(artifacts)
+        )
     return Scorer(
         index=index,
         classes=classes,
@@ -104,7 +140,7 @@ def load_scorer(
     )
 
 
-def _statistics_sources(
+def _store_sources(
     store: Store, version: VersionRecord, n_classes: int, budget: int
 ) -> tuple[EntryStatisticsSource, EntryTextSource]:
     needed = memory_needed(version, n_classes)
@@ -125,7 +161,9 @@ def _statistics_sources(
     return InMemoryEntryStatistics(mean, std), InMemoryEntryTexts(texts)
 
 
-def image_encoder_for(version: VersionRecord, device: str | None, batch_size: int) -> ClipEncoder:
+def image_encoder_for(
+    version: VersionRecord, device: str | None, batch_size: int, precision: str = "fp32"
+) -> ClipEncoder:
     """The encoder that made ``version``'s embeddings, to encode images scored against it.
 
     Refuses versions of an unnamed model and local checkpoints whose file changed since
@@ -145,4 +183,4 @@ def image_encoder_for(version: VersionRecord, device: str | None, batch_size: in
             f"the checkpoint {version.model_weights} differs from the one {version.label} was "
             "built with (sha256 mismatch): restore that file or rebuild the version"
         )
-    return ClipEncoder.load(spec, device=device, batch_size=batch_size)
+    return ClipEncoder.load(spec, device=device, batch_size=batch_size, precision=precision)

@@ -25,6 +25,7 @@ from bliss.checksums import file_sha256
 from bliss.embedding_bundle import EmbeddingBundle
 from bliss.errors import InvalidInputError, NotFoundError
 from bliss.indexer.workspace import BuildWorkspace
+from bliss.npy_files import DEFAULT_CHUNK_BYTES, NpyWriter
 
 if TYPE_CHECKING:
     from bliss.dictionaries import Dictionary
@@ -116,7 +117,11 @@ class BundleInputs:
         if isinstance(dictionary, np.memmap) and dictionary.dtype == np.float32:
             return Path(dictionary.filename)
         if not workspace.has("dictionary.npy"):
-            workspace.save_array(np.asarray(dictionary, dtype=np.float32), "dictionary.npy")
+            rows = max(1, DEFAULT_CHUNK_BYTES // (4 * self.embedding_dim))
+            shape = dictionary.shape
+            with NpyWriter(workspace.path("dictionary.npy"), shape[0], shape[1:], "<f4") as writer:
+                for start in range(0, shape[0], rows):
+                    writer.write(dictionary[start : start + rows])
         return workspace.path("dictionary.npy")
 
     def label_embeddings(self, workspace: BuildWorkspace) -> np.ndarray:
@@ -214,14 +219,14 @@ class ImageFolderInputs:
 
     def dictionary_file(self, workspace: BuildWorkspace) -> Path:
         if not workspace.has("dictionary.npy"):
-            embeddings = self._encode_in_chunks(
+            self._encode_in_chunks(
                 workspace,
                 "dictionary_chunks",
                 list(self.dictionary_texts(workspace)),
                 lambda chunks: self.encoder.encode_prompts(chunks, self.prompt_template),
                 "encode dictionary",
+                "dictionary.npy",
             )
-            workspace.save_array(embeddings, "dictionary.npy")
         return workspace.path("dictionary.npy")
 
     def _write_texts(self, workspace: BuildWorkspace) -> None:
@@ -239,14 +244,14 @@ class ImageFolderInputs:
         name = f"class_{position:05d}.npy"
         if not workspace.has("normals", name):
             image_class = self.classes[position]
-            embeddings = self._encode_in_chunks(
+            self._encode_in_chunks(
                 workspace,
                 f"normals/class_{position:05d}_chunks",
                 list(image_class.files),
                 self.encoder.encode_images,
                 f"encode {image_class.name!r}",
+                f"normals/{name}",
             )
-            workspace.save_array(embeddings, "normals", name)
         return workspace.path("normals", name)
 
     def release_encoder(self) -> None:
@@ -261,8 +266,13 @@ class ImageFolderInputs:
         items: Sequence,
         encode: Callable[[list[Sequence]], Iterator[np.ndarray]],
         description: str,
-    ) -> np.ndarray:
-        """Encode ``items`` chunk by chunk, skipping chunks a previous run already wrote."""
+        output: str,
+    ) -> None:
+        """Encode ``items`` chunk by chunk into ``output`` (a workspace .npy file).
+
+        Chunks a previous run already wrote are skipped; the chunks are then streamed into
+        the output one at a time, never concatenated in memory.
+        """
         size = self.chunk_size
         chunks = {
             f"{i:06d}.npy": items[s : s + size] for i, s in enumerate(range(0, len(items), size))
@@ -279,7 +289,10 @@ class ImageFolderInputs:
             for name, embeddings in zip(pending, encoded, strict=True):
                 workspace.save_array(embeddings, folder, name)
                 progress.update(len(chunks[name]))
-        return np.concatenate([workspace.load_array(folder, name) for name in chunks])
+        first = workspace.load_array(folder, next(iter(chunks)), mmap=True)
+        with NpyWriter(workspace.path(output), len(items), first.shape[1:], "<f4") as writer:
+            for name in chunks:
+                writer.write(workspace.load_array(folder, name))
 
 
 def _class_names(folders: list[Path], class_map: Path | None) -> dict[str, str]:

@@ -13,6 +13,7 @@ import numpy as np
 
 from bliss.calibration import holdout_split
 from bliss.class_statistics import ClassMoments, StatisticsPath, class_statistics
+from bliss.npy_files import NpyRows
 
 
 @dataclass(frozen=True)
@@ -23,25 +24,34 @@ class ClassStatisticsTask:
     normal_file: Path  # .npy float32 [n_i, D]
     calibration_fraction: float
     path: StatisticsPath
+    entry_statistics: bool = True  # False in moments mode: no pass over the dictionary
 
 
 def run_class_statistics(task: ClassStatisticsTask) -> dict[str, np.ndarray]:
-    """Eqs. 4 and 8 for one class, with its calibration hold-out set aside."""
-    dictionary = np.load(task.dictionary_file, mmap_mode="r")
+    """Eqs. 4 and 8 for one class, with its calibration hold-out set aside.
+
+    Without ``entry_statistics`` only eq. 4 and the class's moments are computed.
+    """
     normal = np.load(task.normal_file)
     kept, held_out = holdout_split(len(normal), task.calibration_fraction, task.position)
     moments = ClassMoments.of(normal[kept])
+    if task.entry_statistics:
+        # Read block by block: a memory map's pages would pile up in the resident set.
+        dictionary = NpyRows(task.dictionary_file)
+    else:
+        dictionary = np.zeros((0, moments.dim), dtype=np.float32)
     stats = class_statistics(
         task.label_embedding, dictionary, moments, normal[kept], path=task.path
     )
-    return {
+    arrays = {
         "label_mean": np.float64(stats.label_mean),
         "label_std": np.float64(stats.label_std),
-        "entry_mean": stats.entry_mean,
-        "entry_std": stats.entry_std,
         "count": np.int64(moments.count),
-        "moment_sum": moments.total,
-        "moment_outer": moments.outer,
+        "moment_mean": moments.mean,
+        "moment_covariance": moments.covariance,
         "held_out": normal[held_out],
         "path": np.array(stats.path.value),
     }
+    if task.entry_statistics:
+        arrays |= {"entry_mean": stats.entry_mean, "entry_std": stats.entry_std}
+    return arrays

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,6 +10,7 @@ from typing import TYPE_CHECKING
 from bliss.class_statistics import StatisticsPath
 from bliss.dictionary_index import IndexKind, IndexOptions
 from bliss.errors import InvalidInputError
+from bliss.indexer import version_commands
 from bliss.indexer.build_inputs import DEFAULT_CHUNK_SIZE
 from bliss.scoring import DEFAULT_K, DEFAULT_LAMBDA
 from bliss.settings import StoreSettings, add_store_arguments, settings_from_args
@@ -19,8 +19,7 @@ if TYPE_CHECKING:
     from bliss.encoders import ModelSpec
     from bliss.indexer.build_inputs import BuildInputs
     from bliss.indexer.executors import Executor
-    from bliss.indexer.pipeline import BuildOptions
-    from bliss.store import Store, VersionRecord
+    from bliss.indexer.pipeline import BuildOptions, BuildOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -33,31 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     index = subparsers.add_parser("index", help="build and manage index versions")
     actions = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
     _register_build(actions)
+    _register_extend(actions)
 
-    listing = actions.add_parser("list", help="list index versions")
-    listing.add_argument("--name", help="only this index name")
-    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    add_store_arguments(listing)
-    listing.set_defaults(handler=run_list)
-
-    show = actions.add_parser("show", help="describe one index version and its classes")
-    show.add_argument("name")
-    show.add_argument("--version", type=int, help="version number (default: the active one)")
-    show.add_argument("--json", action="store_true", help="print JSON")
-    add_store_arguments(show)
-    show.set_defaults(handler=run_show)
-
-    activate = actions.add_parser("activate", help="make a ready version the active one")
-    activate.add_argument("name")
-    activate.add_argument("--version", type=int, required=True)
-    add_store_arguments(activate)
-    activate.set_defaults(handler=run_activate)
-
-    delete = actions.add_parser("delete", help="delete a version that is not active")
-    delete.add_argument("name")
-    delete.add_argument("--version", type=int, required=True)
-    add_store_arguments(delete)
-    delete.set_defaults(handler=run_delete)
+    version_commands.register(actions)
 
 
 def _register_build(actions: argparse._SubParsersAction) -> None:
@@ -92,6 +69,12 @@ def _register_build(actions: argparse._SubParsersAction) -> None:
     model.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
     model.add_argument("--batch-size", type=int, default=256, help="encoder batch size")
     model.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "bf16"],
+        default="fp32",
+        help="encoder precision (fp16/bf16 need CUDA; part of the build's fingerprint)",
+    )
+    model.add_argument(
         "--chunk-size",
         type=int,
         default=DEFAULT_CHUNK_SIZE,
@@ -108,9 +91,26 @@ def _register_build(actions: argparse._SubParsersAction) -> None:
     faiss.add_argument("--hnsw-m", type=int, default=32)
     faiss.add_argument("--ef-search", type=int, default=128)
     faiss.add_argument("--pq-m", type=int, help="PQ sub-quantisers (default D/8)")
+    faiss.add_argument(
+        "--target-recall",
+        type=float,
+        metavar="R",
+        help="tune nprobe/efSearch (and nlist when not given) so that recall@K against exact "
+        "search on the normal images reaches R (ivf, hnsw, ivfpq)",
+    )
     scoring = build.add_argument_group("statistics and scoring defaults")
     scoring.add_argument(
-        "--statistics-path", choices=[p.value for p in StatisticsPath], default="auto"
+        "--statistics-mode",
+        choices=["table", "moments"],
+        default="table",
+        help="table: eq. 8 per (class, entry), O(N t) store; moments: per-class mean and "
+        "covariance, O(N D^2), computed for the K hits per request",
+    )
+    scoring.add_argument(
+        "--statistics-path",
+        choices=[p.value for p in StatisticsPath],
+        default="auto",
+        help="how table-mode statistics are computed (both exact)",
     )
     scoring.add_argument("--default-k", type=int, default=DEFAULT_K)
     scoring.add_argument("--default-lambda", type=float, default=DEFAULT_LAMBDA)
@@ -148,6 +148,52 @@ def _register_build(actions: argparse._SubParsersAction) -> None:
     build.set_defaults(handler=run_build)
 
 
+def _register_extend(actions: argparse._SubParsersAction) -> None:
+    extend = actions.add_parser(
+        "extend",
+        help="a new version from an existing one plus new dictionary entries or normal images",
+        description="Add dictionary entries and/or normal images to a version, doing only the "
+        "new work; the result equals a build of the union. Re-running resumes or does nothing.",
+    )
+    extend.add_argument("name")
+    extend.add_argument("--version", type=int, help="version to extend (default: the active one)")
+    extend.add_argument(
+        "--from-embeddings",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="dictionary.txt + dictionary.npy to add, and/or classes.txt + normal.npy + "
+        "normal_labels.npy of images to add to existing classes",
+    )
+    extend.add_argument(
+        "--activate", action="store_true", help="make the version active when ready"
+    )
+    extend.add_argument("--keep-workspace", action="store_true", help="keep intermediate files")
+    add_store_arguments(extend)
+    extend.set_defaults(handler=run_extend)
+
+
+def run_extend(args: argparse.Namespace) -> int:
+    from bliss.embedding_bundle import load_extension
+    from bliss.indexer.extend import extend_version
+
+    settings = settings_from_args(StoreSettings, args)
+    with version_commands.open_store(settings) as store:
+        base = store.get_version(args.name, args.version)
+        classes = [record.name for record in store.load_classes(base.id)]
+        extension = load_extension(args.from_embeddings, base.embedding_dim, classes)
+        outcome = extend_version(
+            store,
+            settings.data_dir,
+            base,
+            extension,
+            activate=args.activate,
+            keep_workspace=args.keep_workspace,
+        )
+    _report(outcome, f"from {base.label}")
+    return 0
+
+
 def run_build(args: argparse.Namespace) -> int:
     from bliss.indexer.pipeline import build_version
 
@@ -155,7 +201,7 @@ def run_build(args: argparse.Namespace) -> int:
     _check_name(args.name)
     executor = _executor(args)
     inputs, options = _inputs_and_options(args, executor)
-    with _open_store(settings) as store:
+    with version_commands.open_store(settings) as store:
         outcome = build_version(
             store,
             settings.data_dir,
@@ -165,17 +211,23 @@ def run_build(args: argparse.Namespace) -> int:
             keep_workspace=args.keep_workspace,
             executor=executor,
         )
+    _report(outcome)
+    return 0
+
+
+def _report(outcome: BuildOutcome, origin: str = "") -> None:
     version = outcome.version
     print(
-        f"{'built' if outcome.built else 'unchanged'} {version.label} ({version.state.value}): "
-        f"{version.dictionary_size:,} dictionary entries, dimension {version.embedding_dim}, "
-        f"{version.faiss_kind} index, model {version.model_name} {version.model_weights}".rstrip()
+        f"{'built' if outcome.built else 'unchanged'} {version.label} ({version.state.value}"
+        f"{', ' + origin if origin else ''}): {version.dictionary_size:,} dictionary entries, "
+        f"dimension {version.embedding_dim}, {version.faiss_kind} index, "
+        f"{version.statistics_mode.value} statistics, model {version.model_name} "
+        f"{version.model_weights}".rstrip()
     )
     for stage, seconds in outcome.stage_seconds.items():
         print(f"  {stage:<34} {seconds:8.2f} s")
     if version.state.value != "active":
         print(f"activate it with: bliss index activate {version.name} --version {version.version}")
-    return 0
 
 
 def _executor(args: argparse.Namespace) -> Executor:
@@ -193,6 +245,7 @@ def _inputs_and_options(
 ) -> tuple[BuildInputs, BuildOptions]:
     from bliss.encoders import DEFAULT_PROMPT_TEMPLATE, format_prompt
     from bliss.indexer.pipeline import BuildOptions
+    from bliss.store import StatisticsMode
 
     template = args.prompt_template or DEFAULT_PROMPT_TEMPLATE
     format_prompt(template, "check")
@@ -216,9 +269,12 @@ def _inputs_and_options(
         prompt_template=template,
         index=index,
         statistics_path=StatisticsPath(args.statistics_path),
+        statistics_mode=StatisticsMode(args.statistics_mode),
+        target_recall=args.target_recall,
         default_k=args.default_k,
         default_lambda=args.default_lambda,
         calibration_fraction=args.calibration_fraction,
+        encode_precision=args.precision if args.from_images else "fp32",
     )
     return inputs, options
 
@@ -250,7 +306,9 @@ def _image_inputs(args: argparse.Namespace, template: str, executor: Executor) -
     inputs = ImageFolderInputs(
         classes,
         dictionary,
-        lambda: executor.encoder(EncoderSettings(spec, args.device, args.batch_size)),
+        lambda: executor.encoder(
+            EncoderSettings(spec, args.device, args.batch_size, args.precision)
+        ),
         template,
         chunk_size=args.chunk_size,
     )
@@ -271,107 +329,6 @@ def _model_spec(args: argparse.Namespace) -> ModelSpec:
     if name == TINY_TEST_MODEL:
         logger.warning("%s is randomly initialised: its scores are meaningless", TINY_TEST_MODEL)
     return ModelSpec(model_name=name, pretrained=pretrained)
-
-
-def run_list(args: argparse.Namespace) -> int:
-    with _open_store(settings_from_args(StoreSettings, args)) as store:
-        versions = store.list_versions(args.name)
-    if args.json:
-        print(json.dumps([_version_json(v) for v in versions], indent=2))
-        return 0
-    if not versions:
-        print(
-            "no index versions yet: build one with `bliss index build` (or try `bliss quickstart`)"
-        )
-        return 0
-    print(
-        f"{'NAME':<24} {'VER':>4} {'STATE':<9} {'DIM':>5} {'ENTRIES':>10} {'KIND':<6} "
-        f"{'MODEL':<32} CREATED"
-    )
-    for v in versions:
-        model = f"{v.model_name} {v.model_weights}".strip()
-        print(
-            f"{v.name:<24} {v.version:>4} {v.state.value:<9} {v.embedding_dim:>5} "
-            f"{v.dictionary_size:>10,} {v.faiss_kind:<6} {model[:32]:<32} "
-            f"{v.created_at:%Y-%m-%d %H:%M}"
-        )
-    return 0
-
-
-def run_show(args: argparse.Namespace) -> int:
-    with _open_store(settings_from_args(StoreSettings, args)) as store:
-        version = store.get_version(args.name, args.version)
-        classes = store.load_classes(version.id)
-    description = _version_json(version)
-    description["classes"] = [
-        {
-            "position": c.position,
-            "name": c.name,
-            "prompt": c.prompt,
-            "normal_images": c.sample_count,
-            "label_mean": c.label_mean,
-            "label_std": c.label_std,
-        }
-        for c in classes
-    ]
-    if args.json:
-        print(json.dumps(description, indent=2))
-        return 0
-    for key, value in description.items():
-        if key != "classes":
-            print(f"{key:<20} {value}")
-    print(f"classes ({len(classes)}):")
-    for c in classes:
-        print(
-            f"  {c.position:>4}  {c.name:<30} {c.sample_count:>7} images  "
-            f"label sim {c.label_mean:.4f} +- {c.label_std:.4f}"
-        )
-    return 0
-
-
-def run_activate(args: argparse.Namespace) -> int:
-    with _open_store(settings_from_args(StoreSettings, args)) as store:
-        version = store.activate(store.get_version(args.name, args.version).id)
-    print(f"{version.label} is active")
-    return 0
-
-
-def run_delete(args: argparse.Namespace) -> int:
-    settings = settings_from_args(StoreSettings, args)
-    with _open_store(settings) as store:
-        version = store.get_version(args.name, args.version)
-        store.delete_version(version.id)
-    if version.faiss_path:
-        (settings.data_dir / version.faiss_path).unlink(missing_ok=True)
-    print(f"deleted {version.label}")
-    return 0
-
-
-def _open_store(settings: StoreSettings) -> Store:
-    from bliss.store import Store
-
-    return Store.open(settings.resolved_store_url, migrate=True)
-
-
-def _version_json(version: VersionRecord) -> dict:
-    return {
-        "name": version.name,
-        "version": version.version,
-        "label": version.label,
-        "state": version.state.value,
-        "model": version.model_name,
-        "weights": version.model_weights,
-        "embedding_dim": version.embedding_dim,
-        "prompt_template": version.prompt_template,
-        "dictionary_source": version.dictionary_source,
-        "dictionary_size": version.dictionary_size,
-        "faiss_kind": version.faiss_kind,
-        "faiss_path": version.faiss_path,
-        "default_k": version.default_k,
-        "default_lambda": version.default_lambda,
-        "created_at": version.created_at.isoformat(),
-        "activated_at": version.activated_at.isoformat() if version.activated_at else None,
-    }
 
 
 def _check_name(name: str) -> None:

@@ -35,6 +35,7 @@ class EncoderSettings:
     spec: ModelSpec
     device: str | None = None
     batch_size: int = 256
+    precision: str = "fp32"  # fp16/bf16 on CUDA
 
 
 class ChunkEncoder(Protocol):
@@ -94,7 +95,12 @@ class LocalExecutor:
         from bliss.encoders import ClipEncoder
 
         return LocalChunkEncoder(
-            ClipEncoder.load(settings.spec, device=settings.device, batch_size=settings.batch_size)
+            ClipEncoder.load(
+                settings.spec,
+                device=settings.device,
+                batch_size=settings.batch_size,
+                precision=settings.precision,
+            )
         )
 
 
@@ -178,7 +184,10 @@ class _EncoderActor:
         from bliss.encoders import ClipEncoder
 
         self.encoder = ClipEncoder.load(
-            settings.spec, device=settings.device, batch_size=settings.batch_size
+            settings.spec,
+            device=settings.device,
+            batch_size=settings.batch_size,
+            precision=settings.precision,
         )
 
     def embedding_dim(self) -> int:

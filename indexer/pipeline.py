@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +23,26 @@ from tqdm import tqdm
 
 from bliss.calibration import Calibration, holdout_split
 from bliss.class_statistics import StatisticsPath
-from bliss.dictionary_index import IndexOptions, build_index
+from bliss.dictionary_index import DictionaryIndex, IndexKind, IndexOptions, build_index
 from bliss.encoders import format_prompt
 from bliss.errors import InvalidInputError
 from bliss.indexer.build_inputs import BuildInputs
 from bliss.indexer.class_statistics_task import ClassStatisticsTask, run_class_statistics
 from bliss.indexer.executors import Executor, LocalExecutor
 from bliss.indexer.workspace import BuildWorkspace
+from bliss.npy_files import NpyRows, npy_layout
+from bliss.recall_tuning import (
+    ExactSearch,
+    SearchTuning,
+    default_nlist,
+    exact_neighbours,
+    sample_queries,
+    tune_search,
+)
 from bliss.scoring import DEFAULT_EPS, DEFAULT_K, DEFAULT_LAMBDA, ScoringMode
-from bliss.store import ClassRecord, Store, VersionRecord, VersionState
+from bliss.serving_artifacts import MANIFEST, ArtifactsWriter, artifacts_directory
+from bliss.store import ClassRecord, StatisticsMode, Store, VersionRecord, VersionState
+from bliss.version_check import verify_version
 from bliss.version_loader import load_scorer
 
 logger = logging.getLogger(__name__)
@@ -39,6 +50,7 @@ logger = logging.getLogger(__name__)
 # Statistics rows (classes x entries) per store transaction: large enough that COPY and
 # executemany run at full speed, small enough that a killed build loses little.
 STATISTICS_BLOCK_ROWS = 1_000_000
+TUNING_FILE = "search_tuning.json"
 
 
 @dataclass(frozen=True)
@@ -58,10 +70,13 @@ class BuildOptions:
     prompt_template: str
     index: IndexOptions = field(default_factory=IndexOptions)
     statistics_path: StatisticsPath = StatisticsPath.AUTO
+    statistics_mode: StatisticsMode = StatisticsMode.TABLE
+    target_recall: float | None = None  # tune approximate search to this recall@K
     default_k: int = DEFAULT_K
     default_lambda: float = DEFAULT_LAMBDA
     eps: float = DEFAULT_EPS
     calibration_fraction: float = 0.0
+    encode_precision: str = "fp32"  # of the model encoding images and texts
 
     def fingerprint(self, inputs_fingerprint: str) -> str:
         """Everything that changes the result; the statistics path does not (both exact)."""
@@ -89,12 +104,16 @@ def build_version(
     activate: bool = False,
     keep_workspace: bool = False,
     executor: Executor | None = None,
+    run_type: type[BuildRun] | None = None,
+    parent: VersionRecord | None = None,
 ) -> BuildOutcome:
     """Run (or resume, or skip) the build of one index version.
 
     ``executor`` runs the per-class statistics (default: in this process); the inputs
-    carry their own encoder, made by the same executor.
+    carry their own encoder, made by the same executor. ``run_type`` and ``parent`` are
+    how ``bliss index extend`` builds a version from ``parent`` plus new inputs.
     """
+    run_type = run_type or BuildRun
     _check_calibration_fraction(options.calibration_fraction, inputs.class_sizes())
     fingerprint = options.fingerprint(inputs.fingerprint())
     existing = store.find_version_by_fingerprint(options.name, fingerprint)
@@ -105,13 +124,14 @@ def build_version(
             existing.state.value,
         )
         if activate and existing.state is not VersionState.ACTIVE:
+            verify_version(store, existing, data_dir)
             existing = store.activate(existing.id)
             logger.info("activated %s", existing.label)
         return BuildOutcome(existing, built=False, stage_seconds={})
 
     workspace = BuildWorkspace.for_build(data_dir, options.name, fingerprint)
-    build = _Build(store, data_dir, inputs, options, workspace, executor or LocalExecutor())
-    version = existing or build.create_version(fingerprint)
+    build = run_type(store, data_dir, inputs, options, workspace, executor or LocalExecutor())
+    version = existing or build.create_version(fingerprint, parent)
     if existing is not None:
         logger.info("resuming the build of %s from %s", version.label, workspace.root)
     version = build.run(version)
@@ -123,7 +143,9 @@ def build_version(
     return BuildOutcome(version, built=True, stage_seconds=build.stage_seconds)
 
 
-class _Build:
+class BuildRun:
+    """The stages of one build; ``bliss index extend`` overrides how two of them work."""
+
     def __init__(
         self,
         store: Store,
@@ -141,7 +163,7 @@ class _Build:
         self.workspace = workspace
         self.stage_seconds: dict[str, float] = {}
 
-    def create_version(self, fingerprint: str) -> VersionRecord:
+    def create_version(self, fingerprint: str, parent: VersionRecord | None) -> VersionRecord:
         options = self.options
         with self._stage("dictionary entries"):
             size = self.inputs.dictionary_size(self.workspace)
@@ -165,6 +187,8 @@ class _Build:
             default_lambda=options.default_lambda,
             eps=options.eps,
             build_fingerprint=fingerprint,
+            statistics_mode=options.statistics_mode,
+            parent_version_id=None if parent is None else parent.id,
         )
         logger.info(
             "building %s (%d dictionary entries) in %s", version.label, size, self.workspace.root
@@ -174,14 +198,11 @@ class _Build:
     def run(self, version: VersionRecord) -> VersionRecord:
         with self._stage("dictionary embeddings"):
             dictionary_file = self.inputs.dictionary_file(self.workspace)
-        dictionary = np.load(dictionary_file, mmap_mode="r")
-        if dictionary.shape[0] != version.dictionary_size:
+        rows = npy_layout(dictionary_file)[0][0]
+        if rows != version.dictionary_size:
             raise InvalidInputError(
-                f"the dictionary has {dictionary.shape[0]} embeddings "
-                f"for {version.dictionary_size} entries"
+                f"the dictionary has {rows} embeddings for {version.dictionary_size} entries"
             )
-        with self._stage("faiss index"):
-            self._write_faiss(version, dictionary)
         with self._stage("normal embeddings"):
             normal_files = [
                 self.inputs.class_embeddings_file(self.workspace, position)
@@ -189,10 +210,17 @@ class _Build:
             ]
             labels = self.inputs.label_embeddings(self.workspace)
         self.inputs.release_encoder()
+        with self._stage("faiss index"):
+            self._write_faiss(version, dictionary_file, normal_files)
         with self._stage("class statistics"):
             records = self._class_statistics(dictionary_file, normal_files, labels)
         with self._stage("store rows"):
             self._write_store(version, self.inputs.dictionary_texts(self.workspace), records)
+        with self._stage("serving artifacts"):
+            self._write_artifacts(version, dictionary_file, len(records))
+        if self.workspace.has(TUNING_FILE):
+            with self._stage("score change"):
+                self._record_tuning(version, dictionary_file)
         if self.options.calibration_fraction > 0:
             with self._stage("calibration"):
                 self._calibrate(version)
@@ -200,31 +228,81 @@ class _Build:
         logger.info("%s is ready", version.label)
         return version
 
-    def _write_faiss(self, version: VersionRecord, dictionary: np.ndarray) -> None:
+    def _write_faiss(
+        self, version: VersionRecord, dictionary_file: Path, normal_files: list[Path]
+    ) -> None:
         relative = Path("indexes") / self.options.name / f"v{version.version}.faiss"
         target = self.data_dir / relative
         if self.workspace.has("faiss.sha256") and target.is_file():
             logger.info("FAISS index %s already written", target)
             return
-        with tqdm(total=dictionary.shape[0], desc="index dictionary", unit="entry") as progress:
-            index = build_index(dictionary, self.options.index, on_progress=progress.update)
+        options = self.options.index
+        if self.options.target_recall is not None and options.nlist is None:
+            options = replace(options, nlist=default_nlist(version.dictionary_size))
+        with tqdm(total=version.dictionary_size, desc="index dictionary", unit="entry") as bar:
+            index = build_index(dictionary_file, options, on_progress=bar.update)
+        if self.options.target_recall is not None:
+            self._tune(index, dictionary_file, normal_files)
         checksum = index.save(target)
         self.store.set_faiss_file(
             version.id, path=str(relative), kind=self.options.index.kind.value, checksum=checksum
         )
         self.workspace.save_lines(iter([checksum]), "faiss.sha256")
 
+    def _tune(
+        self, index: DictionaryIndex, dictionary_file: Path, normal_files: list[Path]
+    ) -> None:
+        """Set the search parameter to the target recall, measured on the normal images."""
+        queries = self._tuning_queries(normal_files)
+        k = self.options.default_k
+        target = float(self.options.target_recall or 0.0)
+        exact = exact_neighbours(NpyRows(dictionary_file), queries, k)
+        if index.kind is IndexKind.IVFPQ:  # measure what is served: exact re-ranking
+            index.exact_vectors = np.load(dictionary_file, mmap_mode="r")
+        tuning = tune_search(
+            index.index, index.kind, queries, exact, k, target,
+            search=lambda batch, hits: index.search(batch, hits)[1],
+        )  # fmt: skip
+        index.exact_vectors = None
+        logger.log(
+            logging.INFO if tuning.reached else logging.WARNING,
+            "%s %s=%d: recall@%d %.4f on %d normal images (target %.4f%s)",
+            index.kind.value, tuning.parameter, tuning.value, k, tuning.recall, len(queries),
+            target, "" if tuning.reached else ": NOT reached; use a larger --nlist, --pq-m or flat",
+        )  # fmt: skip
+        self.workspace.save_lines(iter([json.dumps(asdict(tuning))]), TUNING_FILE)
+
+    def _tuning_queries(self, normal_files: list[Path]) -> np.ndarray:
+        normal = np.concatenate([np.load(path, mmap_mode="r") for path in normal_files])
+        return sample_queries(normal)
+
+    def _record_tuning(self, version: VersionRecord, dictionary_file: Path) -> None:
+        """The largest BLISS score change that approximate search causes, recorded."""
+        version = self.store.get_version_by_id(version.id)
+        if version.search_tuning is not None:
+            return
+        tuning = SearchTuning(**json.loads(next(self.workspace.iter_lines(TUNING_FILE))))
+        scorer = load_scorer(self.store, version, self.data_dir)
+        exact = scorer.with_index(ExactSearch(NpyRows(dictionary_file), scorer.index))
+        queries = self._tuning_queries(
+            [self.inputs.class_embeddings_file(self.workspace, position)
+             for position in range(len(self.inputs.class_names))]
+        )  # fmt: skip
+        change = np.abs(scorer.score(queries).score - exact.score(queries).score).max()
+        self.store.set_search_tuning(version.id, replace(tuning, max_score_change=float(change)))
+        logger.info("approximate search changes BLISS scores by at most %.3g", change)
+
     def _class_statistics(
         self, dictionary_file: Path, normal_files: list[Path], labels: np.ndarray
     ) -> list[ClassRecord]:
         names = self.inputs.class_names
-        dim = int(np.load(dictionary_file, mmap_mode="r").shape[1])
+        dim = npy_layout(dictionary_file)[0][1]
         _check_dimension("class prompt embeddings", labels, dim)
         tasks = []
         for position, normal_file in enumerate(normal_files):
             normal = np.load(normal_file, mmap_mode="r")
             _check_dimension(f"normal embeddings of {names[position]!r}", normal, dim)
-            if not self.workspace.has("statistics", _statistics_file(position)):
+            if not self._class_done(position):
                 tasks.append(
                     ClassStatisticsTask(
                         position=position,
@@ -233,28 +311,37 @@ class _Build:
                         normal_file=normal_file,
                         calibration_fraction=self.options.calibration_fraction,
                         path=self.options.statistics_path,
+                        entry_statistics=self._table_mode,
                     )
                 )
         done = len(names) - len(tasks)
         results = self.executor.map(run_class_statistics, tasks)
         with tqdm(total=len(names), initial=done, desc="class statistics", unit="class") as bar:
             for task, arrays in zip(tasks, results, strict=True):
-                # The per-entry arrays are memory-mapped later, block by block.
-                for kind in ("mean", "std"):
-                    entry_values = arrays.pop(f"entry_{kind}")
-                    self.workspace.save_array(
-                        entry_values, "statistics", _entry_file(task.position, kind)
-                    )
-                self.workspace.save_arrays(arrays, "statistics", _statistics_file(task.position))
                 logger.debug("class %d: %s path", task.position, arrays["path"])
+                self._save_class_statistics(task.position, arrays)
                 bar.update()
+        return self._class_records(labels)
+
+    def _class_done(self, position: int) -> bool:
+        return self.workspace.has("statistics", _statistics_file(position))
+
+    def _save_class_statistics(self, position: int, arrays: dict[str, np.ndarray]) -> None:
+        """A class's workspace files; the .npz, written last, marks the class done."""
+        # The per-entry arrays are memory-mapped later, block by block.
+        for kind in ("mean", "std") if self._table_mode else ():
+            entry_values = arrays.pop(f"entry_{kind}")
+            self.workspace.save_array(entry_values, "statistics", _entry_file(position, kind))
+        self.workspace.save_arrays(arrays, "statistics", _statistics_file(position))
+
+    def _class_records(self, labels: np.ndarray) -> list[ClassRecord]:
         return [
-            self._class_record(position, name, labels[position], _statistics_file(position))
-            for position, name in enumerate(names)
+            self._class_record(position, name, labels[position])
+            for position, name in enumerate(self.inputs.class_names)
         ]
 
-    def _class_record(self, position: int, name: str, label: np.ndarray, file: str) -> ClassRecord:
-        arrays = self.workspace.load_arrays("statistics", file)
+    def _class_record(self, position: int, name: str, label: np.ndarray) -> ClassRecord:
+        arrays = self.workspace.load_arrays("statistics", _statistics_file(position))
         return ClassRecord(
             position=position,
             name=name,
@@ -263,8 +350,8 @@ class _Build:
             label_mean=float(arrays["label_mean"]),
             label_std=float(arrays["label_std"]),
             sample_count=int(arrays["count"]),
-            moment_sum=arrays["moment_sum"],
-            moment_outer=arrays["moment_outer"],
+            moment_mean=arrays["moment_mean"],
+            moment_covariance=arrays["moment_covariance"],
         )
 
     def _write_store(
@@ -274,19 +361,17 @@ class _Build:
         if store.count_entries(version.id) != version.dictionary_size:
             store.write_entries(version.id, texts)
         store.write_classes(version.id, records)
+        if self._table_mode:
+            self._write_entry_statistics(version, records)
+
+    def _write_entry_statistics(self, version: VersionRecord, records: list[ClassRecord]) -> None:
+        store = self.store
         entries = version.dictionary_size
         block = max(1, STATISTICS_BLOCK_ROWS // len(records))
         # Blocks are written in order, one transaction each: the rows present say where
         # a killed build stopped.
         done = store.count_entry_statistics(version.id) // len(records)
-        means = [
-            self.workspace.load_array("statistics", _entry_file(r.position, "mean"), mmap=True)
-            for r in records
-        ]
-        stds = [
-            self.workspace.load_array("statistics", _entry_file(r.position, "std"), mmap=True)
-            for r in records
-        ]
+        means, stds = self._entry_columns(len(records))
         with tqdm(total=entries, initial=done, desc="store statistics", unit="entry") as bar:
             for start in range(done - done % block, entries, block):
                 stop = min(start + block, entries)
@@ -297,6 +382,46 @@ class _Build:
                     np.stack([std[start:stop] for std in stds]),
                 )
                 bar.update(stop - max(start, done))
+
+    def _entry_columns(self, classes: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Each class's eq. 8 mean and std columns ([t] each), memory-mapped."""
+        return tuple(  # type: ignore[return-value]
+            [
+                self.workspace.load_array("statistics", _entry_file(position, kind), mmap=True)
+                for position in range(classes)
+            ]
+            for kind in ("mean", "std")
+        )
+
+    def _write_artifacts(self, version: VersionRecord, dictionary_file: Path, classes: int) -> None:
+        """The columnar snapshot the server maps, from the same arrays as the store rows."""
+        version = self.store.get_version_by_id(version.id)
+        faiss_file = self.data_dir / version.faiss_path
+        directory = artifacts_directory(faiss_file)
+        if version.artifacts_checksum is not None and (directory / MANIFEST).is_file():
+            logger.info("serving artifacts %s already written", directory)
+            return
+        writer = ArtifactsWriter(directory, version.dictionary_size, classes)
+        writer.write_texts(self.inputs.dictionary_texts(self.workspace))
+        if self._table_mode:
+            writer.write_statistics(*self._entry_columns(classes))
+        if not self.options.index.kind.stores_exact_vectors:
+            writer.write_vectors(dictionary_file)
+        self.store.set_artifacts(version.id, writer.finish(faiss_file))
+        version = self.store.get_version_by_id(version.id)
+        checked = verify_version(self.store, version, self.data_dir)
+        logger.info(
+            "serving artifacts written to %s and verified (%d files, %.1f MiB; %d entries "
+            "compared with the store)",
+            directory,
+            checked.files,
+            checked.bytes / 2**20,
+            checked.sampled_entries,
+        )
+
+    @property
+    def _table_mode(self) -> bool:
+        return self.options.statistics_mode is StatisticsMode.TABLE
 
     def _calibrate(self, version: VersionRecord) -> None:
         """Score the held-out normal images in every mode; store their sorted scores."""

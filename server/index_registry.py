@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 from grpc_health.v1 import health_pb2
 
 from bliss.errors import BlissError, InvalidInputError, NotFoundError
-from bliss.scorer import InMemoryEntryStatistics, Scorer
+from bliss.gpu_index import GpuOptions
+from bliss.scorer import Scorer
 from bliss.server.encode_batcher import EncodeBatcher
 from bliss.server.status_codes import IndexUnavailableError
 from bliss.version_loader import load_scorer
@@ -77,7 +78,7 @@ class ServedIndex:
 
     @property
     def statistics_source(self) -> str:
-        return "memory" if isinstance(self.scorer.statistics, InMemoryEntryStatistics) else "store"
+        return self.scorer.statistics.source
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,7 @@ class IndexRegistry:
             self._settings.data_dir,
             memory_budget_bytes=self._settings.memory_budget_bytes,
             use_gpu=self._settings.faiss_gpu,
+            gpu_options=GpuOptions(float16=self._settings.faiss_gpu_float16),
         )
 
     async def _image_encoding(self, version: VersionRecord) -> tuple[ImageEncoding | None, str]:
@@ -265,6 +267,7 @@ class IndexRegistry:
                     version,
                     self._settings.device,
                     self._settings.encode_batch_size,
+                    self._settings.encode_precision,
                 )
             except BlissError as error:
                 return None, str(error)

@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from bliss.blas_kernels import describe_blas
 from bliss.errors import InvalidInputError
 from bliss.server.allocator_tuning import keep_freed_buffers
 from bliss.server.auth import BearerTokenInterceptor
@@ -74,6 +75,7 @@ class BlissServer:
         token = settings.bearer_token()
         credentials = _server_credentials(settings)
         _configure_faiss_threads(settings.faiss_threads)
+        logger.info("BLAS kernels: %s", describe_blas())
         if settings.malloc_tuning:
             keep_freed_buffers()
         self._store = Store.open(settings.resolved_store_url)

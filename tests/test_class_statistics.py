@@ -12,6 +12,7 @@ from bliss.class_statistics import (
     class_statistics,
     direct_statistics,
     moment_statistics,
+    stacked_moment_statistics,
     statistics_table,
 )
 from bliss.errors import InvalidInputError
@@ -49,11 +50,37 @@ def test_adding_normal_images_in_two_halves_equals_all_at_once(world):
     merged = ClassMoments.of(members[:37]).merge(ClassMoments.of(members[37:]))
     for later in (halves, merged):
         assert later.count == at_once.count
-        np.testing.assert_allclose(later.total, at_once.total, atol=1e-12)
-        np.testing.assert_allclose(later.outer, at_once.outer, atol=1e-12)
+        np.testing.assert_allclose(later.mean_vector, at_once.mean_vector, atol=1e-14)
+        np.testing.assert_allclose(later.scatter, at_once.scatter, atol=1e-12)
         stats_later = moment_statistics(later, world.dictionary)
         stats_once = moment_statistics(at_once, world.dictionary)
         np.testing.assert_allclose(stats_later.std, stats_once.std, atol=1e-12)
+
+
+def test_centred_moments_do_not_cancel_for_a_tight_class():
+    # 200 unit vectors within 1e-6 of one direction: the raw form E[zz'] - mm' loses
+    # every digit of the variance to cancellation, the centred form keeps it.
+    rng = np.random.default_rng(3)
+    base = np.zeros(16)
+    base[0] = 1.0
+    members = base + 1e-6 * rng.standard_normal((200, 16))
+    entry = rng.standard_normal((1, 16))
+    moments = ClassMoments.of(members[:80]).add(members[80:])
+    expected = (members @ entry.T).std()
+    assert moment_statistics(moments, entry).std[0] == pytest.approx(expected, rel=1e-9)
+
+
+def test_stacked_moments_equal_per_class_moments(world):
+    classes = [ClassMoments.of(world.normal[world.normal_labels == c]) for c in range(3)]
+    mean, std = stacked_moment_statistics(
+        np.stack([c.mean for c in classes]),
+        np.stack([c.covariance for c in classes]),
+        world.dictionary[:50],
+    )
+    for position, moments in enumerate(classes):
+        one = moment_statistics(moments, world.dictionary[:50])
+        np.testing.assert_allclose(mean[position], one.mean, rtol=1e-12)
+        np.testing.assert_allclose(std[position], one.std, rtol=1e-12)
 
 
 def test_single_image_class_has_zero_std_not_nan(world):

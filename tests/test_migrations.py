@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -47,10 +48,10 @@ def schema_diffs(url: str, metadata: MetaData) -> list:
 
 
 def test_upgrade_downgrade_and_upgrade_again(store_url: str) -> None:
-    assert head_revision() == "0002"
+    assert head_revision() == "0003"
     assert current_revision(store_url) is None
     upgrade_to_head(store_url)
-    assert current_revision(store_url) == "0002"
+    assert current_revision(store_url) == "0003"
     assert table_names(store_url) == STORE_TABLES | {"alembic_version"}
     engine = create_store_engine(store_url)
     try:
@@ -64,7 +65,7 @@ def test_upgrade_downgrade_and_upgrade_again(store_url: str) -> None:
     assert table_names(store_url) <= {"alembic_version"}
 
     upgrade_to_head(store_url)
-    assert current_revision(store_url) == "0002"
+    assert current_revision(store_url) == "0003"
     with Store.open(store_url) as store:
         assert store.list_versions() == []
 
@@ -102,12 +103,12 @@ def test_db_commands(store_url: str, capsys: pytest.CaptureFixture[str]) -> None
         return capsys.readouterr().out
 
     assert "none (empty: run `bliss db upgrade`" in run("current")
-    assert "empty -> 0002" in run("upgrade")
-    assert "already at 0002" in run("upgrade")
-    assert "0002 (head)" in run("current")
-    assert "0002 -> 0001" in run("downgrade", "0001")
-    assert "0001 -> 0002" in run("upgrade")
-    assert "0002 -> empty (base)" in run("downgrade", "base")
+    assert "empty -> 0003" in run("upgrade")
+    assert "already at 0003" in run("upgrade")
+    assert "0003 (head)" in run("current")
+    assert "0003 -> 0001" in run("downgrade", "0001")
+    assert "0001 -> 0003" in run("upgrade")
+    assert "0003 -> empty (base)" in run("downgrade", "base")
     assert table_names(store_url) <= {"alembic_version"}
 
 
@@ -127,3 +128,47 @@ def test_downgrading_calibration_keeps_the_versions(store_url: str) -> None:
     with Store.open(store_url) as store:
         assert store.get_version_by_id(created.id).name == "kept"
         assert store.load_calibration(created.id) is None
+
+
+def test_0003_turns_raw_moments_into_centred_ones_and_back(store_url: str) -> None:
+    """Classes written under 0002 (sum z, sum zz') read back as mean and covariance."""
+    rng = np.random.default_rng(4)
+    members = rng.standard_normal((9, 4))
+    upgrade_to_head(store_url)
+    with Store.open(store_url) as store:
+        created = store.create_version(
+            name="old", model_name="m", model_weights="", model_checksum=None,
+            embedding_dim=4, prompt_template="a {label}", dictionary_source="test",
+            dictionary_size=1, faiss_path="", faiss_kind="flat", default_k=1,
+            default_lambda=0.5, eps=1e-8, build_fingerprint="f" * 64,
+        )  # fmt: skip
+    downgrade(store_url, "0002")
+    engine = create_store_engine(store_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO normal_classes (version_id, position, name, prompt, "
+                    "label_embedding, label_mean, label_std, sample_count, moment_sum, "
+                    "moment_outer) VALUES (:v, 0, 'c', 'a c', :e, 0.1, 0.2, 9, :s, :o)"
+                ),
+                {
+                    "v": created.id,
+                    "e": np.ones(4, "<f4").tobytes(),
+                    "s": members.sum(axis=0).astype("<f8").tobytes(),
+                    "o": (members.T @ members).astype("<f8").tobytes(),
+                },
+            )
+    finally:
+        engine.dispose()
+    upgrade_to_head(store_url)
+    with Store.open(store_url) as store:
+        (record,) = store.load_classes(created.id)
+        assert store.get_version_by_id(created.id).statistics_mode.value == "table"
+    np.testing.assert_allclose(record.moment_mean, members.mean(axis=0), atol=1e-14)
+    np.testing.assert_allclose(record.moment_covariance, np.cov(members.T, ddof=0), atol=1e-13)
+    downgrade(store_url, "0002")
+    upgrade_to_head(store_url)
+    with Store.open(store_url) as store:
+        (again,) = store.load_classes(created.id)
+    np.testing.assert_allclose(again.moment_covariance, record.moment_covariance, atol=1e-13)

@@ -8,9 +8,11 @@ import grpc
 import numpy as np
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from sqlalchemy import text
 
 from bliss.client import Batch, BlissClient, ScoringServiceError
 from bliss.server.runtime import BackgroundServer
+from bliss.store.database import create_store_engine
 from tests.cli_runner import run_cli
 from tests.serving_fixtures import (
     build_from_embeddings,
@@ -113,7 +115,7 @@ def test_info_health_and_reflection(world, tmp_path):
         assert (info.default_k, info.default_lambda, info.eps) == (10, 0.5, 1e-8)
         assert info.model_name == "precomputed" and not info.accepts_images
         assert "precomputed embeddings" in info.images_unavailable_reason
-        assert info.statistics_source == "memory" and not info.calibrated
+        assert info.statistics_source == "mapped" and not info.calibrated
         assert info.activated_at is not None and info.loaded_at >= info.activated_at
 
         # Indexes of different dimensions side by side; the name is needed with two.
@@ -142,15 +144,25 @@ def test_info_health_and_reflection(world, tmp_path):
         channel.close()
 
 
-def test_store_and_memory_statistics_paths_agree(world, tmp_path, store_url):
+def test_mapped_memory_and_store_statistics_paths_agree(world, tmp_path, store_url):
+    """Mapped artifacts; and, for versions built before them, memory or store gathers."""
     data = tmp_path / "data"
     build_from_embeddings(world, tmp_path / "bundle", data, store_url)
     results = {}
+    settings = server_settings(data, store_url)
+    with BackgroundServer(settings) as server, BlissClient(server.address) as client:
+        source = client.index_info().statistics_source
+        results[source] = client.score(embeddings=world.test, k=7, class_scores=True)
+    engine = create_store_engine(store_url or f"sqlite:///{data / 'bliss.sqlite3'}")
+    with engine.begin() as connection:  # what a version built before artifacts looks like
+        connection.execute(text("UPDATE index_versions SET artifacts_checksum = NULL"))
+    engine.dispose()
     for budget in (2048, 0):
         settings = server_settings(data, store_url, memory_budget_mib=budget)
         with BackgroundServer(settings) as server, BlissClient(server.address) as client:
             source = client.index_info().statistics_source
             results[source] = client.score(embeddings=world.test, k=7, class_scores=True)
-    assert set(results) == {"memory", "store"}
-    memory, store = results["memory"], results["store"]
-    assert [m.to_json_dict() for m in memory] == [s.to_json_dict() for s in store]
+    assert set(results) == {"mapped", "memory", "store"}
+    mapped = [m.to_json_dict() for m in results["mapped"]]
+    for source in ("memory", "store"):
+        assert [r.to_json_dict() for r in results[source]] == mapped

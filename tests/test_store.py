@@ -62,8 +62,8 @@ def make_classes(rng: np.random.Generator, n: int = N_CLASSES) -> list[ClassReco
             label_mean=float(rng.random()) / 3,
             label_std=float(rng.random()) / 7,
             sample_count=int(rng.integers(1, 1000)),
-            moment_sum=rng.standard_normal(DIM),
-            moment_outer=rng.standard_normal((DIM, DIM)),
+            moment_mean=rng.standard_normal(DIM),
+            moment_covariance=rng.standard_normal((DIM, DIM)),
         )
         for position in range(n)
     ]
@@ -116,10 +116,10 @@ def test_round_trip_is_exact(store: Store) -> None:
         )
         assert (read.label_mean, read.label_std) == (written.label_mean, written.label_std)
         assert read.label_embedding.dtype == np.float32
-        assert read.moment_sum.dtype == np.float64 and read.moment_outer.shape == (DIM, DIM)
+        assert read.moment_mean.dtype == np.float64 and read.moment_covariance.shape == (DIM, DIM)
         assert np.array_equal(read.label_embedding, written.label_embedding)
-        assert np.array_equal(read.moment_sum, written.moment_sum)
-        assert np.array_equal(read.moment_outer, written.moment_outer)
+        assert np.array_equal(read.moment_mean, written.moment_mean)
+        assert np.array_equal(read.moment_covariance, written.moment_covariance)
 
     texts = entry_texts()
     assert store.write_entries(version.id, iter(texts), batch_size=7) == N_ENTRIES

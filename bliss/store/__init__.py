@@ -13,12 +13,31 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bliss.store.repository import ClassRecord, Store, VersionRecord, VersionState
+    from bliss.store.records import (
+        ClassRecord,
+        StatisticsMode,
+        VersionRecord,
+        VersionState,
+    )
+    from bliss.store.repository import Store
 
-__all__ = ["ClassRecord", "Store", "VersionRecord", "VersionState"]
+_MODULES = {
+    "ClassRecord": "bliss.store.records",
+    "StatisticsMode": "bliss.store.records",
+    "Store": "bliss.store.repository",
+    "VersionRecord": "bliss.store.records",
+    "VersionState": "bliss.store.records",
+}
+__all__ = [
+    "ClassRecord",
+    "StatisticsMode",
+    "Store",
+    "VersionRecord",
+    "VersionState",
+]
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        return getattr(importlib.import_module("bliss.store.repository"), name)
+    if name in _MODULES:
+        return getattr(importlib.import_module(_MODULES[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -205,9 +205,31 @@ def _run_on_url(url: str, run: Callable[[Config], None]) -> None:
 
 def _run_alembic(engine: Engine, run: Callable[[Config], None]) -> None:
     writer = engine.execution_options(**WRITE_OPTIONS)
-    with _connect(writer) as connection, connection.begin():
-        if connection.dialect.name == "postgresql":
-            connection.execute(
-                text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
-            )
-        run(_alembic_config(connection))
+    with _connect(writer) as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            # Batch migrations copy a table and drop the old one; with foreign keys on,
+            # the drop would cascade-delete every child row (SQLite ignores this pragma
+            # inside a transaction, hence on the raw connection, before BEGIN).
+            connection.connection.driver_connection.execute("PRAGMA foreign_keys = OFF")
+        try:
+            with connection.begin():
+                if connection.dialect.name == "postgresql":
+                    connection.execute(
+                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
+                    )
+                run(_alembic_config(connection))
+                if sqlite:
+                    _check_sqlite_foreign_keys(connection)
+        finally:
+            if sqlite:
+                connection.connection.driver_connection.execute("PRAGMA foreign_keys = ON")
+
+
+def _check_sqlite_foreign_keys(connection: Connection) -> None:
+    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").first()
+    if broken is not None:
+        raise StoreError(
+            f"a migration left a row of {broken[0]} pointing at a missing {broken[2]} row; "
+            "nothing was changed (the migration was rolled back): report this as a bug"
+        )

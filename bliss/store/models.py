@@ -36,6 +36,7 @@ NAMING_CONVENTION = {
 }
 
 VERSION_STATES = ("building", "ready", "active", "retired")
+STATISTICS_MODES = ("table", "moments")
 ACTIVE_STATE_CLAUSE = "state = 'active'"
 
 
@@ -59,6 +60,10 @@ class IndexVersion(Base):
             name="state",
         ),
         CheckConstraint("version >= 1", name="version_positive"),
+        CheckConstraint(
+            "statistics_mode IN ({})".format(", ".join(f"'{mode}'" for mode in STATISTICS_MODES)),
+            name="statistics_mode",
+        ),
         # At most one active version per name, enforced by the database itself.
         Index(
             "ux_index_versions_active_name",
@@ -87,13 +92,31 @@ class IndexVersion(Base):
     default_lambda: Mapped[float]
     eps: Mapped[float]
     build_fingerprint: Mapped[str] = mapped_column(String(64))
+    # "table": eq. 8 rows per (class, entry); "moments": per-class mean and covariance.
+    statistics_mode: Mapped[str] = mapped_column(String(16), server_default="table")
+    # sha256 of the serving artifacts' manifest (None: a version built before them).
+    artifacts_checksum: Mapped[str | None] = mapped_column(String(64))
+    # The version this one extends (bliss index extend), if any.
+    parent_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("index_versions.id", ondelete="SET NULL")
+    )
+    # Approximate search tuned to a recall target: parameter, value and what it achieved.
+    search_parameter: Mapped[str | None] = mapped_column(String(32))
+    search_value: Mapped[int | None] = mapped_column(Integer)
+    target_recall: Mapped[float | None]
+    measured_recall: Mapped[float | None]
+    max_score_change: Mapped[float | None]
     created_at: Mapped[datetime]
     ready_at: Mapped[datetime | None]
     activated_at: Mapped[datetime | None]
 
 
 class NormalClass(Base):
-    """A normal class of a version: label embedding, eq. 4 statistics, running moments."""
+    """A normal class of a version: label embedding, eq. 4 statistics, moments.
+
+    The moments (count, mean, centred covariance of the normal embeddings) are what
+    moments-mode versions score with, and what ``bliss index extend`` merges new images into.
+    """
 
     __tablename__ = "normal_classes"
     __table_args__ = (
@@ -110,8 +133,8 @@ class NormalClass(Base):
     label_mean: Mapped[float]
     label_std: Mapped[float]
     sample_count: Mapped[int] = mapped_column(Integer)
-    moment_sum: Mapped[bytes]  # float64 [D], little-endian
-    moment_outer: Mapped[bytes]  # float64 [D, D], little-endian, row-major
+    moment_mean: Mapped[bytes]  # float64 [D], little-endian
+    moment_covariance: Mapped[bytes]  # float64 [D, D] centred, ddof 0, row-major
 
 
 class DictionaryEntry(Base):

@@ -18,9 +18,7 @@ import re
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from enum import Enum
 from pathlib import PurePath
 from types import TracebackType
 
@@ -31,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bliss.calibration import Calibration
 from bliss.errors import InvalidInputError, NotFoundError, StoreError
+from bliss.recall_tuning import SearchTuning
 from bliss.scoring import ScoringMode
 from bliss.store import bulk_load
 from bliss.store.database import (
@@ -47,6 +46,15 @@ from bliss.store.models import (
     IndexVersion,
     NormalClass,
 )
+from bliss.store.records import (
+    ClassRecord,
+    StatisticsMode,
+    VersionRecord,
+    VersionState,
+    class_record,
+    class_rows,
+    version_record,
+)
 
 _INT32_MAX = 2**31 - 1
 _CREATE_ATTEMPTS = 5  # backstop: creators that still collide retry
@@ -54,66 +62,6 @@ _CREATE_LOCK_SPACE = 0x626C6973  # PostgreSQL advisory lock space of create_vers
 _SHORT_TEXT = 200  # String(200) columns: names, model name, FAISS kind
 _SHOWN_MISSING = 10  # positions quoted in a NotFoundError
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-class VersionState(str, Enum):
-    """Lifecycle state of an index version (a StrEnum that also works on Python 3.10)."""
-
-    BUILDING = "building"
-    READY = "ready"
-    ACTIVE = "active"
-    RETIRED = "retired"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass(frozen=True)
-class VersionRecord:
-    """One index version as stored; datetimes are timezone-aware UTC."""
-
-    id: int
-    name: str
-    version: int
-    state: VersionState
-    model_name: str
-    model_weights: str
-    model_checksum: str | None
-    embedding_dim: int
-    prompt_template: str
-    dictionary_source: str
-    dictionary_size: int
-    faiss_path: str
-    faiss_kind: str
-    faiss_checksum: str | None
-    default_k: int
-    default_lambda: float
-    eps: float
-    build_fingerprint: str
-    created_at: datetime
-    ready_at: datetime | None
-    activated_at: datetime | None
-
-    @property
-    def label(self) -> str:
-        """``name@version``, how messages and logs name a version."""
-        return f"{self.name}@{self.version}"
-
-
-# eq=False: the generated __eq__ would compare arrays element-wise and raise.
-@dataclass(frozen=True, eq=False)
-class ClassRecord:
-    """A normal class: label embedding, eq. 4 statistics and running moments."""
-
-    position: int
-    name: str
-    prompt: str
-    label_embedding: np.ndarray  # float32 [D]
-    label_mean: float
-    label_std: float
-    sample_count: int
-    moment_sum: np.ndarray  # float64 [D]
-    moment_outer: np.ndarray  # float64 [D, D]
 
 
 class Store:
@@ -179,8 +127,13 @@ class Store:
         default_lambda: float,
         eps: float,
         build_fingerprint: str,
+        statistics_mode: StatisticsMode = StatisticsMode.TABLE,
+        parent_version_id: int | None = None,
     ) -> VersionRecord:
-        """A new ``building`` version of ``name``, numbered one past its newest version."""
+        """A new ``building`` version of ``name``, numbered one past its newest version.
+
+        ``parent_version_id`` names the version this one extends (``bliss index extend``).
+        """
         _check_index_name(name)
         _check_sha256("model checksum", model_checksum, optional=True)
         if faiss_path:
@@ -208,6 +161,8 @@ class Store:
             faiss_path=faiss_path, faiss_kind=faiss_kind, faiss_checksum=None,
             default_k=default_k, default_lambda=float(default_lambda), eps=float(eps),
             build_fingerprint=build_fingerprint,
+            statistics_mode=StatisticsMode(statistics_mode).value,
+            parent_version_id=parent_version_id,
         )  # fmt: skip
         attempts_left = _CREATE_ATTEMPTS
         while True:
@@ -237,7 +192,7 @@ class Store:
             row = IndexVersion(**fields, version=(newest or 0) + 1, created_at=_now())
             session.add(row)
             session.flush()
-            return _version_record(row)
+            return version_record(row)
 
     def find_version_by_fingerprint(self, name: str, fingerprint: str) -> VersionRecord | None:
         """The newest version of ``name`` built with ``fingerprint``, in any state."""
@@ -248,7 +203,7 @@ class Store:
                 .order_by(IndexVersion.version.desc())
                 .limit(1)
             ).first()
-            return None if row is None else _version_record(row)
+            return None if row is None else version_record(row)
 
     def get_version(self, name: str, version: int | None = None) -> VersionRecord:
         """Version ``version`` of ``name``; None means the active one."""
@@ -261,12 +216,12 @@ class Store:
             row = session.scalars(query).first()
             if row is None:
                 raise NotFoundError(_describe_missing_version(session, name, version))
-            return _version_record(row)
+            return version_record(row)
 
     def get_version_by_id(self, version_id: int) -> VersionRecord:
         """The version with database id ``version_id``."""
         with self._reading() as session:
-            return _version_record(_version_row(session, version_id))
+            return version_record(_version_row(session, version_id))
 
     def list_versions(self, name: str | None = None) -> list[VersionRecord]:
         """All versions (of ``name`` when given), ordered by name and version."""
@@ -274,7 +229,7 @@ class Store:
         if name is not None:
             query = query.where(IndexVersion.name == name)
         with self._reading() as session:
-            return [_version_record(row) for row in session.scalars(query)]
+            return [version_record(row) for row in session.scalars(query)]
 
     def active_versions(self) -> list[VersionRecord]:
         """The active version of every index name, ordered by name."""
@@ -284,7 +239,7 @@ class Store:
             .order_by(IndexVersion.name)
         )
         with self._reading() as session:
-            return [_version_record(row) for row in session.scalars(query)]
+            return [version_record(row) for row in session.scalars(query)]
 
     def set_faiss_file(self, version_id: int, *, path: str, kind: str, checksum: str) -> None:
         """Record the version's FAISS file (relative to the data dir), kind and sha256."""
@@ -295,6 +250,28 @@ class Store:
             row = _building_row(session, version_id, "recording the FAISS file")
             row.faiss_path, row.faiss_kind, row.faiss_checksum = path, kind, checksum
 
+    def set_artifacts(self, version_id: int, checksum: str) -> None:
+        """Record the sha256 of the version's serving-artifacts manifest."""
+        _check_sha256("artifacts checksum", checksum, optional=False)
+        with self._writing() as session:
+            row = _building_row(session, version_id, "recording the serving artifacts")
+            row.artifacts_checksum = checksum
+
+    def set_search_tuning(self, version_id: int, tuning: SearchTuning) -> None:
+        """Record the recall-tuned search parameter and what it measured."""
+        _check_short("search parameter", tuning.parameter)
+        for what, value in (("target recall", tuning.target), ("recall", tuning.recall)):
+            if not 0.0 <= value <= 1.0:
+                raise InvalidInputError(f"{what} must be in [0, 1], got {value}")
+        change = tuning.max_score_change
+        if change is not None and not (math.isfinite(change) and change >= 0):
+            raise InvalidInputError(f"max score change must be finite and >= 0, got {change}")
+        with self._writing() as session:
+            row = _building_row(session, version_id, "recording the search tuning")
+            row.search_parameter, row.search_value = tuning.parameter, int(tuning.value)
+            row.target_recall, row.measured_recall = tuning.target, tuning.recall
+            row.max_score_change = change
+
     def mark_ready(self, version_id: int) -> VersionRecord:
         """building -> ready, once classes, entries, statistics and FAISS file are written.
 
@@ -303,7 +280,7 @@ class Store:
         with self._writing() as session:
             row = _version_row(session, version_id, lock=True)
             if row.state == VersionState.READY.value:
-                return _version_record(row)
+                return version_record(row)
             if row.state != VersionState.BUILDING.value:
                 raise InvalidInputError(
                     f"index {_label(row)} is {row.state}: only building versions can be "
@@ -322,7 +299,7 @@ class Store:
                 # Bulk loads leave the planner's estimates stale; with them it scans the
                 # whole version instead of the primary key for a gather (measured 8x).
                 session.execute(text("ANALYZE entry_statistics, dictionary_entries"))
-            return _version_record(row)
+            return version_record(row)
 
     def activate(self, version_id: int) -> VersionRecord:
         """Make this version the active one of its name, retiring the previous one.
@@ -344,7 +321,7 @@ class Store:
             ).all()
             row = next(version for version in versions if version.id == version_id)
             if row.state == VersionState.ACTIVE.value:
-                return _version_record(row)
+                return version_record(row)
             if row.state not in (VersionState.READY.value, VersionState.RETIRED.value):
                 raise InvalidInputError(
                     f"index {_label(row)} is {row.state}: only ready or retired versions can "
@@ -357,7 +334,7 @@ class Store:
             row.state = VersionState.ACTIVE.value
             row.activated_at = _now()
             session.flush()
-            return _version_record(row)
+            return version_record(row)
 
     def delete_version(self, version_id: int) -> None:
         """Delete a version and its rows (not its FAISS file); the active one is refused."""
@@ -377,7 +354,7 @@ class Store:
         """Replace the version's normal classes (positions must be 0..n-1)."""
         with self._writing() as session:
             row = _building_row(session, version_id, "writing classes")
-            new_rows = _class_rows(row, classes)
+            new_rows = class_rows(row, classes)
             session.execute(delete(NormalClass).where(NormalClass.version_id == version_id))
             session.add_all(new_rows)
 
@@ -390,7 +367,7 @@ class Store:
                 .where(NormalClass.version_id == version_id)
                 .order_by(NormalClass.position)
             )
-            return [_class_record(row) for row in rows]
+            return [class_record(row) for row in rows]
 
     # ------------------------------------------------------- dictionary entries
 
@@ -638,15 +615,6 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    # SQLite returns naive datetimes; they were written as UTC.
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
-
-
 def _lock_key(name: str) -> int:
     """A stable signed 32-bit key for ``name`` (Python's hash() differs per process)."""
     return zlib.crc32(name.encode()) - 2**31
@@ -654,20 +622,6 @@ def _lock_key(name: str) -> int:
 
 def _label(row: IndexVersion) -> str:
     return f"{row.name}@{row.version}"
-
-
-def _version_record(row: IndexVersion) -> VersionRecord:
-    return VersionRecord(
-        id=row.id, name=row.name, version=row.version, state=VersionState(row.state),
-        model_name=row.model_name, model_weights=row.model_weights,
-        model_checksum=row.model_checksum, embedding_dim=row.embedding_dim,
-        prompt_template=row.prompt_template, dictionary_source=row.dictionary_source,
-        dictionary_size=row.dictionary_size, faiss_path=row.faiss_path,
-        faiss_kind=row.faiss_kind, faiss_checksum=row.faiss_checksum,
-        default_k=row.default_k, default_lambda=row.default_lambda, eps=row.eps,
-        build_fingerprint=row.build_fingerprint, created_at=_utc(row.created_at),
-        ready_at=_utc(row.ready_at), activated_at=_utc(row.activated_at),
-    )  # fmt: skip
 
 
 def _version_row(session: Session, version_id: int, *, lock: bool = False) -> IndexVersion:
@@ -730,6 +684,11 @@ def _completeness_problems(session: Session, row: IndexVersion) -> list[str]:
     )
     if n_entries != row.dictionary_size:
         problems.append(f"{n_entries} of {row.dictionary_size} dictionary entries written")
+    if row.statistics_mode == StatisticsMode.MOMENTS.value:
+        # Moments-mode versions score from the classes' moments: no per-entry rows.
+        if row.faiss_checksum is None:
+            problems.append("no FAISS file recorded")
+        return problems
     per_class = dict(
         session.execute(
             select(EntryStatistic.class_position, func.count())
@@ -752,69 +711,6 @@ def _completeness_problems(session: Session, row: IndexVersion) -> list[str]:
     if row.faiss_checksum is None:
         problems.append("no FAISS file recorded")
     return problems
-
-
-def _class_rows(version: IndexVersion, classes: Sequence[ClassRecord]) -> list[NormalClass]:
-    positions = sorted(record.position for record in classes)
-    if positions != list(range(len(classes))):
-        raise InvalidInputError(
-            f"class positions must be 0..{len(classes) - 1}, each once; got {positions}"
-        )
-    names = [record.name for record in classes]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise InvalidInputError(f"class names must be unique; repeated: {duplicates}")
-    return [_class_row(version, record) for record in classes]
-
-
-def _class_row(version: IndexVersion, record: ClassRecord) -> NormalClass:
-    dim = version.embedding_dim
-    where = f"class {record.position} ({record.name!r})"
-    if not record.name:
-        raise InvalidInputError(f"class {record.position} has an empty name")
-    embedding = _finite_array(f"{where} label_embedding", record.label_embedding, (dim,))
-    moment_sum = _finite_array(f"{where} moment_sum", record.moment_sum, (dim,))
-    moment_outer = _finite_array(f"{where} moment_outer", record.moment_outer, (dim, dim))
-    if not (math.isfinite(record.label_mean) and math.isfinite(record.label_std)):
-        raise InvalidInputError(f"{where} label_mean and label_std must be finite")
-    if record.label_std < 0:
-        raise InvalidInputError(f"{where} label_std must be >= 0, got {record.label_std}")
-    if record.sample_count < 1:
-        raise InvalidInputError(
-            f"{where} sample_count must be at least 1 (its statistics come from its normal "
-            f"images), got {record.sample_count}"
-        )
-    return NormalClass(
-        version_id=version.id, position=record.position, name=record.name,
-        prompt=record.prompt,
-        label_embedding=embedding.astype("<f4").tobytes(),
-        label_mean=float(record.label_mean), label_std=float(record.label_std),
-        sample_count=int(record.sample_count),
-        moment_sum=moment_sum.astype("<f8").tobytes(),
-        moment_outer=moment_outer.astype("<f8").tobytes(),
-    )  # fmt: skip
-
-
-def _class_record(row: NormalClass) -> ClassRecord:
-    moment_sum = np.frombuffer(row.moment_sum, dtype="<f8").astype(np.float64)
-    dim = len(moment_sum)
-    return ClassRecord(
-        position=row.position, name=row.name, prompt=row.prompt,
-        label_embedding=np.frombuffer(row.label_embedding, dtype="<f4").astype(np.float32),
-        label_mean=row.label_mean, label_std=row.label_std, sample_count=row.sample_count,
-        moment_sum=moment_sum,
-        moment_outer=np.frombuffer(row.moment_outer, dtype="<f8").astype(np.float64)
-        .reshape(dim, dim),
-    )  # fmt: skip
-
-
-def _finite_array(what: str, values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    array = np.asarray(values)
-    if array.shape != shape:
-        raise InvalidInputError(f"{what} must have shape {shape}, got {array.shape}")
-    if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
-        raise InvalidInputError(f"{what} must be finite floats (dtype {array.dtype})")
-    return array
 
 
 def _statistics_block(
