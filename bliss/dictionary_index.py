@@ -109,10 +109,13 @@ def build_index(
     if not index.is_trained:
         index.train(_training_sample(embeddings, index, seed))
     _apply_search_options(index, options)
-    for _, batch in _row_batches(embeddings, ADD_BATCH_ROWS):
-        index.add(batch)
-        if on_progress is not None:
-            on_progress(len(batch))
+    if options.kind is IndexKind.FLAT:
+        _fill_flat(index, embeddings, rows, on_progress)
+    else:
+        for _, batch in _row_batches(embeddings, ADD_BATCH_ROWS):
+            index.add(batch)
+            if on_progress is not None:
+                on_progress(len(batch))
     if options.kind is IndexKind.IVF:
         # Lets search() reconstruct the top-K vectors to report exact similarities.
         faiss.extract_index_ivf(index).make_direct_map()
@@ -140,6 +143,30 @@ def extended_index(
     if kind is IndexKind.IVF:
         faiss.extract_index_ivf(index).make_direct_map()
     return DictionaryIndex(index, kind)
+
+
+def _fill_flat(
+    index: faiss.IndexFlat,
+    embeddings: np.ndarray | Path,
+    rows: int,
+    on_progress: Callable[[int], None] | None,
+) -> None:
+    """Copy the rows straight into a flat index's storage, sized once.
+
+    ``add`` grows faiss's code vector by reallocation, which briefly holds the old and
+    the new buffer: up to 1.75x the dictionary at the peak (measured at 5M x 512).
+    """
+    faiss = _faiss()
+
+    size = rows * index.d * 4
+    index.codes.resize(size)
+    storage = faiss.rev_swig_ptr(index.codes.data(), size).view(np.float32)
+    storage = storage.reshape(rows, index.d)
+    for start, batch in _row_batches(embeddings, ADD_BATCH_ROWS):
+        storage[start : start + len(batch)] = batch
+        if on_progress is not None:
+            on_progress(len(batch))
+    index.ntotal = rows
 
 
 def _row_batches(embeddings: np.ndarray | Path, rows: int) -> Iterator[tuple[int, np.ndarray]]:
