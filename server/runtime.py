@@ -291,7 +291,10 @@ def _read_pem(path: Path, setting: str) -> bytes:
 
 
 def _configure_faiss_threads(threads: int) -> None:
+    """Threads of one search: FAISS's OpenMP pool and the BLAS pool flat search runs on."""
     if threads > 0:
         import faiss
+        from threadpoolctl import threadpool_limits
 
         faiss.omp_set_num_threads(threads)
+        threadpool_limits(limits=threads, user_api="blas")

@@ -57,7 +57,10 @@ class ServerSettings(StoreSettings):
         1, ge=1, description="Batches scored at once (FAISS search, gather, scoring)."
     )
     faiss_threads: int = Field(
-        0, ge=0, description="OpenMP threads of one FAISS search; 0 leaves FAISS's default."
+        0,
+        ge=0,
+        description="Threads of one search (FAISS's OpenMP and the BLAS of flat search); "
+        "0 leaves the libraries' defaults.",
     )
     malloc_tuning: bool = Field(
         True,

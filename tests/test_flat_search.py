@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import gc
 import subprocess
 import sys
@@ -250,3 +251,21 @@ def test_a_generic_kernel_gets_a_hint(monkeypatch):
 
     assert "faiss_cpu: openblas 0.3.15 Prescott kernel" in line
     assert "OPENBLAS_CORETYPE=SkylakeX" in line
+
+
+def test_faiss_threads_setting_also_limits_the_flat_search_blas() -> None:
+    # In a subprocess: the limit is process-wide and would slow the rest of the suite.
+    script = (
+        "import numpy, faiss\n"
+        "from threadpoolctl import threadpool_info\n"
+        "from bliss.server.runtime import _configure_faiss_threads\n"
+        "_configure_faiss_threads(1)\n"
+        "blas = [i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas']\n"
+        "print(faiss.omp_get_max_threads(), blas)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    omp_threads, blas_threads = result.stdout.split(" ", 1)
+    assert omp_threads == "1"
+    assert set(ast.literal_eval(blas_threads)) == {1}
