@@ -9,12 +9,12 @@ For each dictionary size t (D = 512, N = 10 classes of 200 normal images, entrie
    "unstaged" is the rest of its wall time (bundle checks and fingerprint hashing before
    the first stage); the child's own peak RSS (wait4) against the dictionary's float32
    size t*D*4; disk use of its data directory;
-3. per version, `bliss serve` on its data directory, with the version's files evicted
-   from the page cache first: start-up to health SERVING ("load": the index load the
-   server logs), the first (cold) and second batch of 64 scored, and the server's memory
-   from /proc/PID/smaps_rollup, with the part mapped from the version's files
-   (/proc/PID/smaps). Then a second server on the same data scores the same batch: the
-   file pages turn from private to shared, nothing is copied;
+3. per version, `bliss serve` on its data directory, with every file of this size
+   (bundle and versions) evicted from the page cache first: start-up to health SERVING
+   ("load": the index load the server logs), the first (cold) and second batch of 64
+   scored, and the server's memory from /proc/PID/smaps_rollup, with the part mapped
+   from the version's files (/proc/PID/smaps). Then a second server on the same data
+   scores the same batch: the file pages turn from private to shared, nothing is copied;
 4. in-process search (DictionaryIndex.search, what the server runs) at batch 64 and
    1,024, k = 10, against the GEMM floor of benchmarks/flat_search_floor.py (numpy
    q @ d.T + argpartition, here over the bundle's memory-mapped dictionary.npy, whose rows
@@ -46,6 +46,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,7 @@ from huge_dictionary_parts import (
     Server,
     World,
     chunked_floor,
+    disk_use,
     evict_page_cache,
     floor_scores,
     gemm_only,
@@ -94,6 +96,9 @@ FLOOR_TARGET = 0.8
 STARTUP_TARGET_S = 10.0
 ANONYMOUS_TARGET_MIB = 512
 SHARED_PRIVATE_SHARE = 0.05
+# Below this share of the available memory, the floor's rows and the index files are
+# taken to stay cached together, and are timed interleaved.
+PAGE_CACHE_SHARE = 0.7
 # Disk a table-mode build needs per (class, entry), measured at 50,000 entries: the
 # artifacts' two float64 columns, the store rows and the build workspace's copy.
 TABLE_BYTES_PER_STATISTIC = 150
@@ -189,15 +194,6 @@ def load_build(layout: Layout, label: str) -> Build | None:
     return Build(**json.loads(record.read_text())) if record.is_file() else None
 
 
-def disk_use(data: Path) -> dict[str, int]:
-    return {
-        "faiss": sum(tree_bytes(p) for p in data.rglob("*.faiss")),
-        "artifacts": sum(tree_bytes(p) for p in data.rglob("*.artifacts")),
-        "store": sum(tree_bytes(p) for p in data.glob("bliss.sqlite3*")),
-        "total": tree_bytes(data),
-    }
-
-
 def print_builds(entries: int, builds: list[Build]) -> None:
     stages = list(dict.fromkeys(stage for b in builds for stage in b.stages))
     rows = [[stage] + [f"{b.stages.get(stage, 0.0):.1f}" for b in builds] for stage in stages]
@@ -233,7 +229,9 @@ class Serving:
 
 def serve_version(layout: Layout, label: str, world: World) -> Serving:
     data = layout.data(label)
-    evict_page_cache([data])
+    # The whole size folder: other versions and the bundle, hot from their builds, would
+    # otherwise compete with this version for the page cache.
+    evict_page_cache([layout.root])
     queries = world.queries(SERVE_BATCH, seed=1)
     first = Server(data, layout.folder(label) / "serve-a.log")
     try:
@@ -310,26 +308,28 @@ def search_rows(
     flat = next((label for label in labels if label.startswith("flat")), None)
     searched = [label for label in (flat, "ivf-table") if label in labels]
     indexes = {label: open_scorer(layout, label).index for label in searched}
-    rows_mapped = np.load(layout.bundle / "dictionary.npy", mmap_mode="r")
-    mapped_bytes = rows_mapped.nbytes * (1 + len(searched))
+    mapped_bytes = tree_bytes(layout.bundle / "dictionary.npy") * (1 + len(searched))
+    together = mapped_bytes < PAGE_CACHE_SHARE * mem_available_bytes()
     print(
         f"\nsearch: {mapped_bytes / GIB:.1f} GiB of mapped files, "
-        f"{mem_available_bytes() / GIB:.1f} GiB available, load average "
-        f"{os.getloadavg()[0]:.2f} (other work on the machine slows every column)",
+        f"{mem_available_bytes() / GIB:.1f} GiB available: "
+        f"{'interleaved' if together else 'floors first, then bliss (page cache too small)'}; "
+        f"load average {os.getloadavg()[0]:.2f} (other work slows every column)",
         flush=True,
     )
     table = []
     for batch in BATCHES:
         queries = world.queries(batch, seed=100 + batch)
-        contenders = {
-            "floor": functools.partial(
-                chunked_floor, rows_mapped, queries, K, floor_scores(rows_mapped, batch)
-            ),
-            "gemm": functools.partial(gemm_only, rows_mapped, queries),
+        searches = {
+            label: functools.partial(_search_ids, index, queries)
+            for label, index in indexes.items()
         }
-        for label, index in indexes.items():
-            contenders[label] = functools.partial(_search_ids, index, queries)
-        medians, ids = time_interleaved(contenders, repeats)
+        medians, ids = time_floors(layout, queries, searches if together else {}, repeats)
+        if not together:
+            # The floors' pages go, so that the index files stay cached while timed.
+            evict_page_cache([layout.bundle])
+            more_medians, more_ids = time_interleaved(searches, repeats)
+            medians, ids = medians | more_medians, ids | more_ids
         for label in indexes:
             ratio = medians["floor"] / medians[label]
             if label == flat:
@@ -340,6 +340,22 @@ def search_rows(
                 f"{recall(ids[label], ids['floor']):.4f}",
             ])  # fmt: skip
     return table
+
+
+def time_floors(
+    layout: Layout, queries: np.ndarray, others: dict[str, Callable[[], object]], repeats: int
+) -> tuple[dict[str, float], dict[str, object]]:
+    """The floors over the bundle's mapped rows, interleaved with ``others``; nothing
+    refers to the mapping after return, so it is unmapped and its pages can be evicted."""
+    rows = np.load(layout.bundle / "dictionary.npy", mmap_mode="r")
+    contenders = {
+        "floor": functools.partial(
+            chunked_floor, rows, queries, K, floor_scores(rows, len(queries))
+        ),
+        "gemm": functools.partial(gemm_only, rows, queries),
+        **others,
+    }
+    return time_interleaved(contenders, repeats)
 
 
 def _search_ids(index: DictionaryIndex, queries: np.ndarray) -> np.ndarray:

@@ -163,6 +163,15 @@ def tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def disk_use(data: Path) -> dict[str, int]:
+    return {
+        "faiss": sum(tree_bytes(p) for p in data.rglob("*.faiss")),
+        "artifacts": sum(tree_bytes(p) for p in data.rglob("*.artifacts")),
+        "store": sum(tree_bytes(p) for p in data.glob("bliss.sqlite3*")),
+        "total": tree_bytes(data),
+    }
+
+
 @dataclass(frozen=True)
 class Memory:
     """kB of a process: smaps_rollup fields, and the same summed over the data dir's files."""
