@@ -220,8 +220,9 @@ class DictionaryIndex:
 
     def vectors_at(self, ids: np.ndarray) -> np.ndarray:
         """Exact float32 vectors [u, D] of entries ``ids`` (re-scoring, moments mode)."""
-        if self.exact_vectors is not None:
-            return np.asarray(self.exact_vectors[ids], dtype=np.float32)
+        rows = self.vectors
+        if rows is not None:
+            return np.asarray(rows[ids], dtype=np.float32)
         if not self.kind.stores_exact_vectors:
             raise InvalidInputError(
                 f"this {self.kind.value} index keeps no exact vectors: load it with its "
@@ -256,7 +257,7 @@ class DictionaryIndex:
             return self._reranked(queries, ids, k)
         if not self.kind.stores_exact_vectors:
             return similarities, ids
-        return self._exact_similarities(queries, ids)
+        return self.rescore(queries, ids)
 
     def _reranked(
         self, queries: np.ndarray, candidates: np.ndarray, k: int
@@ -264,15 +265,11 @@ class DictionaryIndex:
         """The ``k`` best of ``candidates`` [B, c] by exact similarity (-1: no candidate)."""
         # Missing candidates repeat the row's best one; repeats are then pushed past k.
         filled = np.where(candidates >= 0, candidates, candidates[:, :1])
-        similarities, ids = self._exact_similarities(queries, filled)
+        similarities, ids = self.rescore(queries, filled)
         repeated = np.zeros(ids.shape, dtype=bool)
         repeated[:, 1:] = ids[:, 1:] == ids[:, :-1]
         order = np.argsort(repeated, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(similarities, order, 1), np.take_along_axis(ids, order, 1)
-
-    def rescore(self, queries: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """float64 similarities of ``ids`` [B, k] from the exact vectors, most similar first."""
-        return self._exact_similarities(queries, ids)
 
     def _top_k(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """float32 top-k: exact flat search on the CPU runs on numpy's BLAS (flat_search)."""
@@ -282,13 +279,10 @@ class DictionaryIndex:
                 return top_k_inner_product(rows, queries, k)
         return self.index.search(queries, k)
 
-    def _exact_similarities(
-        self, queries: np.ndarray, ids: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def rescore(self, queries: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float64 similarities of ``ids`` [B, k] from the exact vectors, most similar first."""
         unique, inverse = np.unique(ids, return_inverse=True)
-        rows = self.vectors
-        hits = rows[unique] if rows is not None else self.index.reconstruct_batch(unique)
-        vectors = hits.astype(np.float64)
+        vectors = self.vectors_at(unique).astype(np.float64)
         positions = inverse.reshape(ids.shape)
         queries = queries.astype(np.float64)
         similarities = np.empty(ids.shape, dtype=np.float64)

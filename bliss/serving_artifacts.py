@@ -64,6 +64,13 @@ class Manifest:
         }
         return json.dumps(body, indent=1, sort_keys=True).encode()
 
+    def paths(
+        self, directory: Path, faiss_file: Path
+    ) -> Iterator[tuple[Path, dict[str, int | str]]]:
+        """Each listed file's path (the FAISS file beside ``directory``) and its entry."""
+        for name, entry in self.files.items():
+            yield (faiss_file if name == faiss_file.name else directory / name), entry
+
     @classmethod
     def from_bytes(cls, raw: bytes, where: Path) -> Manifest:
         try:
@@ -114,17 +121,17 @@ class ArtifactsWriter:
             for _, rows in iter_row_chunks(dictionary_file):
                 writer.write(rows)
 
-    def finish(self, faiss_file: Path) -> str:
-        """Write the manifest (last, atomically); returns its sha256 for the store."""
+    def finish(self, faiss_file: Path, faiss_checksum: str) -> str:
+        """Write the manifest (last, atomically); returns its sha256 for the store.
+
+        ``faiss_checksum`` is the sha256 the FAISS file was saved with (not read again).
+        """
         files = {
             path.name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
             for path in sorted(self.directory.iterdir())
             if path.name != MANIFEST
         }
-        files[faiss_file.name] = {
-            "bytes": faiss_file.stat().st_size,
-            "sha256": file_sha256(faiss_file),
-        }
+        files[faiss_file.name] = {"bytes": faiss_file.stat().st_size, "sha256": faiss_checksum}
         raw = Manifest(ARTIFACTS_FORMAT, self.dictionary_size, self.classes, files).to_bytes()
         temporary = self.directory / f".{MANIFEST}.tmp"
         with open(temporary, "wb") as stream:
@@ -150,8 +157,7 @@ def read_manifest(directory: Path, faiss_file: Path, expected_checksum: str) -> 
             "replaced; run `bliss index verify` and rebuild the version"
         )
     manifest = Manifest.from_bytes(raw, path)
-    for name, entry in manifest.files.items():
-        file = faiss_file if name == faiss_file.name else directory / name
+    for file, entry in manifest.paths(directory, faiss_file):
         if not file.is_file():
             raise NotFoundError(f"{file} is missing: restore it or rebuild the version")
         size = file.stat().st_size
@@ -166,8 +172,7 @@ def read_manifest(directory: Path, faiss_file: Path, expected_checksum: str) -> 
 def verify_artifacts(directory: Path, faiss_file: Path, expected_checksum: str) -> Manifest:
     """:func:`read_manifest` plus the sha256 of every file (reads every byte)."""
     manifest = read_manifest(directory, faiss_file, expected_checksum)
-    for name, entry in manifest.files.items():
-        file = faiss_file if name == faiss_file.name else directory / name
+    for file, entry in manifest.paths(directory, faiss_file):
         actual = file_sha256(file)
         if actual != entry["sha256"]:
             raise InvalidInputError(

@@ -153,30 +153,19 @@ class ExtensionRun(BuildRun):
 
     inputs: ExtensionInputs
 
-    def _write_faiss(
+    def _faiss_index(
         self, version: VersionRecord, dictionary_file: Path, normal_files: list[Path]
-    ) -> None:
+    ) -> DictionaryIndex:
         """The base version's index plus the new rows (its search parameters are kept)."""
-        relative = Path("indexes") / self.options.name / f"v{version.version}.faiss"
-        target = self.data_dir / relative
-        if self.workspace.has("faiss.sha256") and target.is_file():
-            logger.info("FAISS index %s already written", target)
-            return
         base = self.inputs.base
         added = version.dictionary_size - base.dictionary_size
         with tqdm(total=added, desc="add to index", unit="entry") as bar:
-            index = extended_index(
+            return extended_index(
                 self.inputs.base_faiss_file,
                 IndexKind(base.faiss_kind),
                 _rows_from(dictionary_file, base.dictionary_size),
                 on_progress=bar.update,
             )
-        kind = index.kind
-        checksum = index.save(target)
-        self.store.set_faiss_file(
-            version.id, path=str(relative), kind=kind.value, checksum=checksum
-        )
-        self.workspace.save_lines(iter([checksum]), "faiss.sha256")
 
     def _class_statistics(
         self, dictionary_file: Path, normal_files: list[Path], labels: np.ndarray

@@ -236,6 +236,17 @@ class BuildRun:
         if self.workspace.has("faiss.sha256") and target.is_file():
             logger.info("FAISS index %s already written", target)
             return
+        index = self._faiss_index(version, dictionary_file, normal_files)
+        checksum = index.save(target)
+        self.store.set_faiss_file(
+            version.id, path=str(relative), kind=index.kind.value, checksum=checksum
+        )
+        self.workspace.save_lines(iter([checksum]), "faiss.sha256")
+
+    def _faiss_index(
+        self, version: VersionRecord, dictionary_file: Path, normal_files: list[Path]
+    ) -> DictionaryIndex:
+        """The version's index, trained and filled (and tuned to --target-recall)."""
         options = self.options.index
         if self.options.target_recall is not None and options.nlist is None:
             options = replace(options, nlist=default_nlist(version.dictionary_size))
@@ -243,11 +254,7 @@ class BuildRun:
             index = build_index(dictionary_file, options, on_progress=bar.update)
         if self.options.target_recall is not None:
             self._tune(index, dictionary_file, normal_files)
-        checksum = index.save(target)
-        self.store.set_faiss_file(
-            version.id, path=str(relative), kind=self.options.index.kind.value, checksum=checksum
-        )
-        self.workspace.save_lines(iter([checksum]), "faiss.sha256")
+        return index
 
     def _tune(
         self, index: DictionaryIndex, dictionary_file: Path, normal_files: list[Path]
@@ -407,11 +414,12 @@ class BuildRun:
             writer.write_statistics(*self._entry_columns(classes))
         if not self.options.index.kind.stores_exact_vectors:
             writer.write_vectors(dictionary_file)
-        self.store.set_artifacts(version.id, writer.finish(faiss_file))
+        self.store.set_artifacts(version.id, writer.finish(faiss_file, version.faiss_checksum))
         version = self.store.get_version_by_id(version.id)
-        checked = verify_version(self.store, version, self.data_dir)
+        # Every file was hashed as it was written: compare the snapshot with the store.
+        checked = verify_version(self.store, version, self.data_dir, hash_files=False)
         logger.info(
-            "serving artifacts written to %s and verified (%d files, %.1f MiB; %d entries "
+            "serving artifacts written to %s and checked (%d files, %.1f MiB; %d entries "
             "compared with the store)",
             directory,
             checked.files,
