@@ -7,12 +7,14 @@ and streams them, so a dictionary may be larger than memory.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 from bliss.errors import InvalidInputError, NotFoundError
 
@@ -20,6 +22,7 @@ WORDNET_ROOT = Path("/usr/share/wordnet")
 WORDNET_INSTALL_HINT = "apt-get install -y wordnet-base"
 
 _IMAGENET_RESOURCE = "data/imagenet_classes.tsv"
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class Dictionary(Protocol):
@@ -105,27 +108,53 @@ def _imagenet_names() -> Iterator[str]:
 
 
 def text_file_dictionary(path: str | Path) -> Dictionary:
-    """One entry per line of a UTF-8 text file of any size, streamed."""
-    file = Path(path).expanduser().resolve()
-    if not file.is_file():
-        raise NotFoundError(f"dictionary file not found: {file}")
+    """One entry per line of a UTF-8 text file of any size, streamed.
+
+    ``path`` is a local path or any fsspec URL (``s3://bucket/words.txt``, ``memory://...``;
+    needs ``pip install 'bliss-anomaly[inputs]'`` and the protocol's backend, e.g. s3fs).
+    """
+    if isinstance(path, str) and _URL.match(path):
+        name, opener = path, _url_opener(path)
+    else:
+        file = Path(path).expanduser().resolve()
+        if not file.is_file():
+            raise NotFoundError(f"dictionary file not found: {file}")
+        name, opener = str(file), functools.partial(file.open, "r", encoding="utf-8-sig")
 
     def read() -> Iterator[str]:
         lines_read = 0
         # utf-8-sig drops a byte-order mark, which would otherwise glue onto the first entry.
-        with file.open("r", encoding="utf-8-sig") as lines:
+        with opener() as lines:
             try:
                 for line in lines:
                     yield line
                     lines_read += 1
             except UnicodeDecodeError as error:
                 raise InvalidInputError(
-                    f"dictionary file {file} is not UTF-8 text (an invalid byte somewhere "
+                    f"dictionary file {name} is not UTF-8 text (an invalid byte somewhere "
                     f"after line {lines_read}: {error.reason}): convert it, e.g. with "
                     "`iconv -f latin1 -t utf-8`"
                 ) from error
 
-    return _StreamedDictionary(f"file:{file}", read)
+    return _StreamedDictionary(f"file:{name}", read)
+
+
+def _url_opener(url: str) -> Callable[[], IO[str]]:
+    """Opens the file at ``url`` as streamed text, after checking that it exists."""
+    try:
+        import fsspec
+    except ImportError:
+        raise InvalidInputError(
+            f"dictionary {url}: URLs need fsspec: pip install 'bliss-anomaly[inputs]'"
+        ) from None
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        found = fs.isfile(path)
+    except (ImportError, ValueError, OSError) as error:  # e.g. s3:// without s3fs
+        raise InvalidInputError(f"cannot read dictionary {url}: {error}") from None
+    if not found:
+        raise NotFoundError(f"dictionary file not found: {url}")
+    return functools.partial(fs.open, path, "rt", encoding="utf-8-sig")
 
 
 def wordnet_nouns_dictionary(root: str | Path = WORDNET_ROOT) -> Dictionary:
@@ -151,7 +180,7 @@ def wordnet_nouns_dictionary(root: str | Path = WORDNET_ROOT) -> Dictionary:
 
 
 def resolve_dictionary(spec: str) -> Dictionary:
-    """'imagenet' | 'wordnet' | 'wordnet:FOLDER' | 'file:PATH' | the path of an existing file."""
+    """'imagenet' | 'wordnet' | 'wordnet:FOLDER' | 'file:PATH_OR_URL' | an existing file's path."""
     text = spec.strip()
     keyword = text.lower()
     if keyword == "imagenet":
@@ -167,5 +196,6 @@ def resolve_dictionary(spec: str) -> Dictionary:
     raise InvalidInputError(
         f"unknown dictionary {spec!r}: use 'imagenet' (the packaged ImageNet-1k names), "
         "'wordnet' (WordNet nouns from /usr/share/wordnet), 'wordnet:/folder/with/index.noun', "
-        "'file:/path/to/entries.txt' or the path of an existing text file (one entry per line)"
+        "'file:/path/to/entries.txt', 'file:s3://bucket/entries.txt' (any fsspec URL) or the "
+        "path of an existing text file (one entry per line)"
     )

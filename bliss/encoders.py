@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from bliss.indexer.image_sources import ImageItem
+
 logger = logging.getLogger(__name__)
 
 TINY_TEST_MODEL = "bliss-tiny-random-TEST-ONLY"
@@ -306,7 +308,7 @@ class ClipEncoder:
         return self.encode_texts(prompts, progress=progress)
 
     def encode_images(
-        self, images: Sequence[Image.Image | str | Path], *, progress: bool = False
+        self, images: Sequence[Image.Image | str | Path | ImageItem], *, progress: bool = False
     ) -> np.ndarray:
         """float32 [n, D] embeddings of PIL images or image files, ``batch_size`` at a time."""
         if isinstance(images, (str, Path)):
@@ -333,7 +335,7 @@ class ClipEncoder:
             features = self.model.encode_text(tokens)
         return _l2_normalised(features)
 
-    def _encode_image_items(self, items: list[Image.Image | str | Path]) -> np.ndarray:
+    def _encode_image_items(self, items: list[Image.Image | str | Path | ImageItem]) -> np.ndarray:
         import torch
 
         pixels = torch.stack([self._transform(open_rgb(item)) for item in items])
@@ -364,17 +366,26 @@ def _l2_normalised(features: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
 
 
-def open_rgb(item: Image.Image | str | Path) -> Image.Image:
-    """A PIL image in RGB, from an image or a file (InvalidInputError names a bad file)."""
-    from PIL import Image
+def open_rgb(item: Image.Image | str | Path | ImageItem) -> Image.Image:
+    """A PIL image in RGB from an image, a file or an ImageItem (an index build's inputs).
+
+    Decoded files are turned upright per their EXIF orientation, as viewers show them.
+    InvalidInputError names a file that cannot be read or decoded.
+    """
+    import io
+
+    from PIL import Image, ImageOps
 
     if isinstance(item, Image.Image):
         return item if item.mode == "RGB" else item.convert("RGB")
+    local = isinstance(item, (str, Path))
+    name = item if local else item.key
     try:
-        with Image.open(item) as image:
+        with Image.open(item if local else io.BytesIO(item.read())) as image:
+            ImageOps.exif_transpose(image, in_place=True)
             return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise InvalidInputError(f"cannot open image {item}: {error}") from error
+        raise InvalidInputError(f"cannot open image {name}: {error}") from error
 
 
 def _check_precision(precision: str, device: str) -> None:

@@ -8,6 +8,8 @@ writing through :class:`NpyWriter` keeps a concatenation at the size of one part
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,8 +79,12 @@ class NpyWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         self._stream = open(self._temporary, "wb")  # noqa: SIM115 (closed in close())
+        # Hashed as written: a 20 GB file is not read back just to learn its checksum.
+        self._sha256 = hashlib.sha256()
         header = {"descr": self.dtype.str, "fortran_order": False, "shape": (rows, *row_shape)}
-        np.lib.format.write_array_header_1_0(self._stream, header)
+        header_bytes = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header_bytes, header)
+        self._write_bytes(header_bytes.getvalue())
 
     def write(self, part: np.ndarray) -> None:
         part = np.ascontiguousarray(part, dtype=self.dtype)
@@ -87,8 +93,17 @@ class NpyWriter:
                 f"{self.path.name}: a part of shape {part.shape} does not fit "
                 f"[{self.rows}, {', '.join(map(str, self.row_shape))}] after {self.written} rows"
             )
-        self._stream.write(memoryview(part).cast("B"))
+        self._write_bytes(memoryview(part).cast("B"))
         self.written += len(part)
+
+    @property
+    def checksum(self) -> str:
+        """sha256 of the file's bytes so far (the whole file once closed)."""
+        return self._sha256.hexdigest()
+
+    def _write_bytes(self, data: bytes | memoryview) -> None:
+        self._stream.write(data)
+        self._sha256.update(data)
 
     def close(self) -> Path:
         if self.written != self.rows:

@@ -86,8 +86,9 @@ def _write_example(example: Path) -> list[tuple[Path, str]]:
 def _build(settings: StoreSettings, normal_folder: Path) -> str:
     from bliss.dictionaries import imagenet_dictionary
     from bliss.encoders import DEFAULT_PROMPT_TEMPLATE, TINY_TEST_MODEL, ModelSpec
-    from bliss.indexer.build_inputs import ImageFolderInputs, scan_image_folder
+    from bliss.indexer.build_inputs import ImageFolderInputs
     from bliss.indexer.executors import EncoderSettings, LocalExecutor
+    from bliss.indexer.image_sources import scan_image_folder
     from bliss.indexer.pipeline import BuildOptions, ModelIdentity, build_version
     from bliss.store import Store
 

@@ -19,6 +19,10 @@ from bliss.errors import InvalidInputError
 
 DEFAULT_K = 10
 DEFAULT_LAMBDA = 0.5
+# Lambda weighs ET against IC (the paper sweeps 0.1 to 2); at 10^6 the score is ET alone
+# for any practical purpose, so anything larger is a typo or a probe, refused before it
+# can push scores towards overflow (by the server per request, by the indexer as a default).
+MAX_LAMBDA = 1e6
 DEFAULT_EPS = 1e-8
 
 

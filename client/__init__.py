@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from bliss.client.async_client import AsyncBlissClient
     from bliss.client.connection import USE_CLIENT_DEFAULT, TlsConfig
-    from bliss.client.messages import Batch, IndexInfo, ScoringServiceError
+    from bliss.client.messages import Batch, FieldViolation, IndexInfo, ScoringServiceError
     from bliss.client.sync_client import BlissClient
     from bliss.scored_item import ScoredItem, TopEntry
 
@@ -25,6 +25,7 @@ _EXPORTS = {
     "AsyncBlissClient": "bliss.client.async_client",
     "Batch": "bliss.client.messages",
     "BlissClient": "bliss.client.sync_client",
+    "FieldViolation": "bliss.client.messages",
     "IndexInfo": "bliss.client.messages",
     "ScoredItem": "bliss.scored_item",
     "ScoringServiceError": "bliss.client.messages",
@@ -38,6 +39,7 @@ __all__ = [
     "AsyncBlissClient",
     "Batch",
     "BlissClient",
+    "FieldViolation",
     "IndexInfo",
     "ScoredItem",
     "ScoringServiceError",

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from bliss.errors import BlissError, InvalidInputError, NotFoundError
 from bliss.scored_item import ScoredItem, TopEntry
@@ -27,19 +29,55 @@ MODES = {
 }
 
 
-class ScoringServiceError(BlissError):
-    """A call failed; ``code`` is the gRPC status (INVALID_ARGUMENT, UNAVAILABLE, ...)."""
+@dataclass(frozen=True)
+class FieldViolation:
+    """One invalid request field named by the server: ``items[3].embedding``, ``options.k``."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    field: str
+    description: str
+
+
+class ScoringServiceError(BlissError):
+    """A call failed; ``code`` is the gRPC status (INVALID_ARGUMENT, UNAVAILABLE, ...).
+
+    ``violations`` lists the invalid request fields when the server named them (the
+    google.rpc.BadRequest details of an INVALID_ARGUMENT status), else it is empty.
+    """
+
+    def __init__(
+        self, code: grpc.StatusCode, details: str, violations: Sequence[FieldViolation] = ()
+    ) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.violations = tuple(violations)
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> ScoringServiceError:
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
         details = error.details() if hasattr(error, "details") else str(error)
-        return cls(code, details or "(no details)")
+        return cls(code, details or "(no details)", _field_violations(error))
+
+
+def _field_violations(error: grpc.RpcError) -> tuple[FieldViolation, ...]:
+    """BadRequest field violations from the status details trailer, if there are any."""
+    if not hasattr(error, "trailing_metadata"):
+        return ()
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:
+        return ()  # details that disagree with the status itself: not trusted
+    if status is None:
+        return ()
+    violations: list[FieldViolation] = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            violations.extend(
+                FieldViolation(v.field, v.description) for v in bad_request.field_violations
+            )
+    return tuple(violations)
 
 
 @dataclass(frozen=True)

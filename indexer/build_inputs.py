@@ -10,22 +10,23 @@ build re-encodes nothing it already finished.
 from __future__ import annotations
 
 import hashlib
-import json
+import itertools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from tqdm import tqdm
 
 from bliss.checksums import file_sha256
 from bliss.embedding_bundle import EmbeddingBundle
-from bliss.errors import InvalidInputError, NotFoundError
-from bliss.indexer.workspace import BuildWorkspace
-from bliss.npy_files import DEFAULT_CHUNK_BYTES, NpyWriter
+from bliss.errors import InvalidInputError
+from bliss.indexer.image_sources import ImageClass
+from bliss.indexer.workspace import BuildWorkspace, Provenance, digest
+from bliss.npy_files import DEFAULT_CHUNK_BYTES
 
 if TYPE_CHECKING:
     from bliss.dictionaries import Dictionary
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # Items encoded per resumable chunk: a killed build loses at most one chunk's work.
 DEFAULT_CHUNK_SIZE = 2048
 
@@ -91,11 +91,11 @@ class BundleInputs:
         return self.bundle.class_names
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256()
+        hasher = hashlib.sha256()
         for name in sorted(p.name for p in self.bundle.folder.iterdir() if p.is_file()):
-            digest.update(name.encode())
-            digest.update(file_sha256(self.bundle.folder / name).encode())
-        return digest.hexdigest()
+            hasher.update(name.encode())
+            hasher.update(file_sha256(self.bundle.folder / name).encode())
+        return hasher.hexdigest()
 
     @property
     def embedding_dim(self) -> int:
@@ -116,10 +116,12 @@ class BundleInputs:
         # Still the memory map of the bundle's own file: nothing was dropped or normalised.
         if isinstance(dictionary, np.memmap) and dictionary.dtype == np.float32:
             return Path(dictionary.filename)
-        if not workspace.has("dictionary.npy"):
+        # The bundle's content is part of the build's identity: its checksum says enough.
+        produced_by = {"bundle": "dictionary.npy"}
+        if not workspace.reusable("dictionary.npy", produced_by):
             rows = max(1, DEFAULT_CHUNK_BYTES // (4 * self.embedding_dim))
             shape = dictionary.shape
-            with NpyWriter(workspace.path("dictionary.npy"), shape[0], shape[1:], "<f4") as writer:
+            with workspace.npy_writer("dictionary.npy", shape[0], shape[1:], produced_by) as writer:
                 for start in range(0, shape[0], rows):
                     writer.write(dictionary[start : start + rows])
         return workspace.path("dictionary.npy")
@@ -128,41 +130,15 @@ class BundleInputs:
         return self.bundle.class_text
 
     def class_embeddings_file(self, workspace: BuildWorkspace, position: int) -> Path:
-        name = f"class_{position:05d}.npy"
-        if not workspace.has("normals", name):
-            workspace.save_array(self.bundle.class_members(position), "normals", name)
-        return workspace.path("normals", name)
+        output = f"normals/class_{position:05d}.npy"
+        if not workspace.reusable(output, {"bundle": "normal.npy"}):
+            workspace.save_array(
+                self.bundle.class_members(position), output, {"bundle": "normal.npy"}
+            )
+        return workspace.path(output)
 
     def release_encoder(self) -> None:
         pass
-
-
-@dataclass(frozen=True)
-class ImageClass:
-    name: str
-    folder: Path
-    files: tuple[Path, ...]
-
-
-def scan_image_folder(root: Path, class_map: Path | None = None) -> list[ImageClass]:
-    """One class per sub-folder (sorted by folder name); ``class_map`` renames them."""
-    if not root.is_dir():
-        raise NotFoundError(f"image folder {root} does not exist")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
-        raise InvalidInputError(
-            f"{root} has no class sub-folders: put each class's images in {root}/<class>/"
-        )
-    names = _class_names(folders, class_map)
-    classes = []
-    for folder in folders:
-        files = tuple(sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
-        if not files:
-            raise InvalidInputError(
-                f"class folder {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
-            )
-        classes.append(ImageClass(names[folder.name], folder, files))
-    return classes
 
 
 class ImageFolderInputs:
@@ -175,7 +151,13 @@ class ImageFolderInputs:
         load_encoder: Callable[[], ChunkEncoder],
         prompt_template: str,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        encoding: Provenance | None = None,
     ) -> None:
+        """``encoding``: what else changes the embeddings (batch size, device, backend).
+
+        Encoded chunks are reused on resumption only when it matches, so a resumed build
+        never mixes embeddings computed under different settings.
+        """
         if chunk_size < 1:
             raise InvalidInputError(f"the encoding chunk size must be at least 1, got {chunk_size}")
         self.classes = classes
@@ -183,6 +165,7 @@ class ImageFolderInputs:
         self._load_encoder = load_encoder
         self.prompt_template = prompt_template
         self.chunk_size = chunk_size
+        self.encoding = dict(encoding or {})
 
     @property
     def class_names(self) -> list[str]:
@@ -193,14 +176,13 @@ class ImageFolderInputs:
         return self._load_encoder()
 
     def fingerprint(self) -> str:
-        """Names, sizes and modification times of every image, plus the dictionary."""
-        digest = hashlib.sha256(self.dictionary_source.fingerprint().encode())
+        """Every image's identity (key, size, mtime or etag), by class, plus the dictionary."""
+        hasher = hashlib.sha256(self.dictionary_source.fingerprint().encode())
         for image_class in self.classes:
-            digest.update(f"class\0{image_class.name}\0".encode())
-            for path in image_class.files:
-                stat = path.stat()
-                digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
-        return digest.hexdigest()
+            hasher.update(f"class\0{image_class.name}\0".encode())
+            for item in image_class.files:
+                hasher.update(f"{item.identity()}\0".encode())
+        return hasher.hexdigest()
 
     @property
     def embedding_dim(self) -> int:
@@ -210,49 +192,49 @@ class ImageFolderInputs:
         return [len(image_class.files) for image_class in self.classes]
 
     def dictionary_size(self, workspace: BuildWorkspace) -> int:
-        self._write_texts(workspace)
-        return sum(1 for _ in workspace.iter_lines("dictionary.txt"))
+        return sum(1 for _ in self.dictionary_texts(workspace))
 
     def dictionary_texts(self, workspace: BuildWorkspace) -> Iterator[str]:
         self._write_texts(workspace)
         return workspace.iter_lines("dictionary.txt")
 
     def dictionary_file(self, workspace: BuildWorkspace) -> Path:
-        if not workspace.has("dictionary.npy"):
-            self._encode_in_chunks(
-                workspace,
-                "dictionary_chunks",
-                list(self.dictionary_texts(workspace)),
-                lambda chunks: self.encoder.encode_prompts(chunks, self.prompt_template),
-                "encode dictionary",
-                "dictionary.npy",
-            )
-        return workspace.path("dictionary.npy")
+        return self._encode_in_chunks(
+            workspace,
+            "dictionary.npy",
+            lambda: self.dictionary_texts(workspace),
+            str,
+            lambda chunks: self.encoder.encode_prompts(chunks, self.prompt_template),
+            "encode dictionary",
+        )
 
     def _write_texts(self, workspace: BuildWorkspace) -> None:
         """Freeze the dictionary's entries once, so every stage sees the same positions."""
-        if not workspace.has("dictionary.txt"):
-            workspace.save_lines(self.dictionary_source.entries(), "dictionary.txt")
+        produced_by = {"dictionary": self._dictionary_fingerprint}
+        if not workspace.reusable("dictionary.txt", produced_by):
+            workspace.save_lines(self.dictionary_source.entries(), "dictionary.txt", produced_by)
+
+    @cached_property
+    def _dictionary_fingerprint(self) -> str:
+        return self.dictionary_source.fingerprint()
 
     def label_embeddings(self, workspace: BuildWorkspace) -> np.ndarray:
-        if not workspace.has("labels.npy"):
+        produced_by = {"classes": self.class_names, **self.encoding}
+        if not workspace.reusable("labels.npy", produced_by):
             (labels,) = self.encoder.encode_prompts([self.class_names], self.prompt_template)
-            workspace.save_array(labels, "labels.npy")
+            workspace.save_array(labels, "labels.npy", produced_by)
         return workspace.load_array("labels.npy")
 
     def class_embeddings_file(self, workspace: BuildWorkspace, position: int) -> Path:
-        name = f"class_{position:05d}.npy"
-        if not workspace.has("normals", name):
-            image_class = self.classes[position]
-            self._encode_in_chunks(
-                workspace,
-                f"normals/class_{position:05d}_chunks",
-                list(image_class.files),
-                self.encoder.encode_images,
-                f"encode {image_class.name!r}",
-                f"normals/{name}",
-            )
-        return workspace.path("normals", name)
+        image_class = self.classes[position]
+        return self._encode_in_chunks(
+            workspace,
+            f"normals/class_{position:05d}.npy",
+            lambda: iter(image_class.files),
+            lambda item: item.identity(),
+            self.encoder.encode_images,
+            f"encode {image_class.name!r}",
+        )
 
     def release_encoder(self) -> None:
         encoder = self.__dict__.pop("encoder", None)  # only if the cached property ran
@@ -262,76 +244,116 @@ class ImageFolderInputs:
     def _encode_in_chunks(
         self,
         workspace: BuildWorkspace,
-        folder: str,
-        items: Sequence,
-        encode: Callable[[list[Sequence]], Iterator[np.ndarray]],
-        description: str,
         output: str,
-    ) -> None:
-        """Encode ``items`` chunk by chunk into ``output`` (a workspace .npy file).
+        items: Callable[[], Iterator[Any]],
+        identify: Callable[[Any], str],
+        encode: Callable[[Iterator[list[Any]]], Iterator[np.ndarray]],
+        description: str,
+    ) -> Path:
+        """Encode ``items()`` chunk by chunk into ``output`` (a workspace .npy file).
 
-        Chunks a previous run already wrote are skipped; the chunks are then streamed into
-        the output one at a time, never concatenated in memory.
+        Each chunk is saved with a record of exactly which items it holds and how they
+        were encoded; a resumed run reuses the chunks whose record matches and encodes
+        the rest. ``items()`` is read again rather than held, so a dictionary of tens of
+        millions of entries streams through in chunks.
         """
-        size = self.chunk_size
-        chunks = {
-            f"{i:06d}.npy": items[s : s + size] for i, s in enumerate(range(0, len(items), size))
+        chunks = _plan_chunks(output, items(), identify, self.chunk_size, self.encoding)
+        produced_by = {
+            "chunks": digest(*(chunk.produced_by["items"] for chunk in chunks)),
+            "chunk_size": self.chunk_size,
+            **self.encoding,
         }
-        done = {name for name in chunks if workspace.has(folder, name)}
-        if done:
+        if workspace.reusable(output, produced_by):
+            return workspace.path(output)
+        pending = [
+            chunk
+            for chunk in chunks
+            if not workspace.reusable(chunk.name, chunk.produced_by, rows=chunk.rows)
+        ]
+        if len(pending) < len(chunks):
             logger.info(
-                "%s: resuming, %d of %d chunks already encoded", description, len(done), len(chunks)
+                "%s: resuming, %d of %d chunks already encoded",
+                description,
+                len(chunks) - len(pending),
+                len(chunks),
             )
-        already = sum(len(chunks[name]) for name in done)
-        pending = [name for name in chunks if name not in done]
-        with tqdm(total=len(items), initial=already, desc=description, unit="item") as progress:
-            encoded = encode([chunks[name] for name in pending])
-            for name, embeddings in zip(pending, encoded, strict=True):
-                workspace.save_array(embeddings, folder, name)
-                progress.update(len(chunks[name]))
-        first = workspace.load_array(folder, next(iter(chunks)), mmap=True)
-        with NpyWriter(workspace.path(output), len(items), first.shape[1:], "<f4") as writer:
-            for name in chunks:
-                writer.write(workspace.load_array(folder, name))
+        total = chunks[-1].stop if chunks else 0
+        done = total - sum(chunk.rows for chunk in pending)
+        with tqdm(total=total, initial=done, desc=description, unit="item") as progress:
+            encoded = encode(_chunk_items(items(), pending, self.chunk_size))
+            for chunk, embeddings in zip(pending, encoded, strict=True):
+                if len(embeddings) != chunk.rows:
+                    raise InvalidInputError(
+                        f"{description}: the encoder returned {len(embeddings)} embeddings for "
+                        f"the {chunk.rows} items {chunk.start}..{chunk.stop - 1}"
+                    )
+                workspace.save_array(embeddings, chunk.name, chunk.produced_by)
+                progress.update(chunk.rows)
+        return _assemble(workspace, output, chunks, produced_by)
 
 
-def _class_names(folders: list[Path], class_map: Path | None) -> dict[str, str]:
-    names = {folder.name: folder.name for folder in folders}
-    if class_map is not None:
-        mapping = _read_class_map(class_map)
-        unknown = sorted(set(mapping) - set(names))
-        if unknown:
-            raise InvalidInputError(f"{class_map} maps folder {unknown[0]!r}, which does not exist")
-        names.update(mapping)
-    seen: dict[str, str] = {}
-    for folder, name in names.items():
-        if name in seen:
-            raise InvalidInputError(
-                f"folders {seen[name]!r} and {folder!r} both map to class {name!r}"
+@dataclass(frozen=True)
+class _Chunk:
+    """Items ``start:stop`` of one encoding, and what its saved embeddings must match."""
+
+    name: str
+    start: int
+    stop: int
+    produced_by: dict[str, Any]
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def _plan_chunks(
+    output: str,
+    items: Iterator[Any],
+    identify: Callable[[Any], str],
+    size: int,
+    encoding: Mapping[str, Any],
+) -> list[_Chunk]:
+    folder = output.removesuffix(".npy") + "_chunks"
+    chunks = []
+    for start, block in _batched(items, size):
+        stop = start + len(block)
+        chunks.append(
+            _Chunk(
+                f"{folder}/{start:012d}-{stop:012d}.npy",
+                start,
+                stop,
+                {"items": digest(*map(identify, block)), "start": start, "stop": stop, **encoding},
             )
-        seen[name] = folder
-    return names
+        )
+    if not chunks:
+        raise InvalidInputError(f"nothing to encode for {output}")
+    return chunks
 
 
-def _read_class_map(path: Path) -> dict[str, str]:
-    """A JSON object {folder: label}, or lines 'folder<TAB>label'."""
-    if not path.is_file():
-        raise NotFoundError(f"class map {path} does not exist")
-    text = path.read_text("utf-8")
-    if path.suffix.lower() == ".json":
-        try:
-            mapping = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise InvalidInputError(f"{path} is not valid JSON: {error}") from None
-        if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
-            raise InvalidInputError(f"{path} must be a JSON object mapping folder names to labels")
-        return {str(k): v.strip() for k, v in mapping.items()}
-    mapping = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        folder, separator, label = line.partition("\t")
-        if not separator or not label.strip():
-            raise InvalidInputError(f"{path} line {number}: expected 'folder<TAB>label'")
-        mapping[folder.strip()] = label.strip()
-    return mapping
+def _chunk_items(items: Iterator[Any], chunks: list[_Chunk], size: int) -> Iterator[list[Any]]:
+    """The items of ``chunks`` (ascending, a subset of the plan), read from ``items``."""
+    wanted = {chunk.start for chunk in chunks}
+    for start, block in _batched(items, size):
+        if start in wanted:
+            yield block
+
+
+def _batched(items: Iterator[Any], size: int) -> Iterator[tuple[int, list[Any]]]:
+    """(start, up to ``size`` items) blocks of ``items``, read lazily."""
+    start = 0
+    while block := list(itertools.islice(items, size)):
+        yield start, block
+        start += len(block)
+
+
+def _assemble(
+    workspace: BuildWorkspace, output: str, chunks: list[_Chunk], produced_by: Mapping[str, Any]
+) -> Path:
+    """Stream the chunks into ``output``, then drop them (the output's record replaces theirs)."""
+    first = workspace.load_array(chunks[0].name, mmap=True)
+    with workspace.npy_writer(output, chunks[-1].stop, first.shape[1:], produced_by) as writer:
+        for chunk in chunks:
+            writer.write(workspace.load_array(chunk.name))
+    for chunk in chunks:
+        workspace.discard(chunk.name)
+    return workspace.path(output)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,13 +13,15 @@ from bliss.dictionary_index import IndexKind, IndexOptions
 from bliss.errors import InvalidInputError
 from bliss.indexer import version_commands
 from bliss.indexer.build_inputs import DEFAULT_CHUNK_SIZE
-from bliss.scoring import DEFAULT_K, DEFAULT_LAMBDA
+from bliss.indexer.image_checks import DEFAULT_MAX_IMAGE_PIXELS
+from bliss.scoring import DEFAULT_K, DEFAULT_LAMBDA, MAX_LAMBDA
 from bliss.settings import StoreSettings, add_store_arguments, settings_from_args
 
 if TYPE_CHECKING:
     from bliss.encoders import ModelSpec
     from bliss.indexer.build_inputs import BuildInputs
     from bliss.indexer.executors import Executor
+    from bliss.indexer.image_sources import ImageClass
     from bliss.indexer.pipeline import BuildOptions, BuildOutcome
 
 logger = logging.getLogger(__name__)
@@ -47,7 +50,22 @@ def _register_build(actions: argparse._SubParsersAction) -> None:
     build.add_argument("--name", required=True, help=NAME_HELP)
     source = build.add_mutually_exclusive_group(required=True)
     source.add_argument(
-        "--from-images", type=Path, metavar="DIR", help="one sub-folder of images per normal class"
+        "--from-images",
+        metavar="DIR",
+        help="one sub-folder of images per normal class: a local folder or an fsspec URL "
+        "(s3://bucket/prefix, gs://..., memory://...)",
+    )
+    source.add_argument(
+        "--from-webdataset",
+        metavar="SHARDS",
+        help="webdataset tar shards, e.g. 'shards/{00000..00099}.tar' or 's3://b/shards/*.tar' "
+        "(one image per sample; class per --class-from)",
+    )
+    source.add_argument(
+        "--from-parquet",
+        metavar="FILES",
+        help="parquet files, e.g. 'data/*.parquet', with an image column (bytes, {bytes, path} "
+        "structs or paths/URLs) and a label column",
     )
     source.add_argument(
         "--from-embeddings",
@@ -56,7 +74,31 @@ def _register_build(actions: argparse._SubParsersAction) -> None:
         help="dictionary.txt/.npy, classes.txt, class_text.npy, normal.npy, normal_labels.npy",
     )
     build.add_argument(
-        "--class-map", type=Path, help="JSON {folder: label} or 'folder<TAB>label' lines"
+        "--class-map",
+        type=Path,
+        help="rename classes: JSON {folder or label: class} or 'folder<TAB>class' lines",
+    )
+    images = build.add_argument_group("image inputs")
+    images.add_argument(
+        "--class-from",
+        metavar="SPEC",
+        help="webdataset class: cls (the .cls member, default), json[:FIELD] (a field of the "
+        ".json member, default field 'label') or key:REGEX (its one group, in the sample key)",
+    )
+    images.add_argument("--image-column", help="parquet image column (default: image)")
+    images.add_argument("--label-column", help="parquet label column (default: label)")
+    images.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        metavar="N",
+        help="pixel budget per normal image (width x height); larger ones are bad images",
+    )
+    images.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="leave out normal images that cannot be read or decoded, or exceed the budget "
+        "(default: list them and stop before encoding)",
     )
     model = build.add_argument_group("model (images; optional record for embeddings)")
     model.add_argument(
@@ -129,7 +171,9 @@ def _register_build(actions: argparse._SubParsersAction) -> None:
         help="run encoding and statistics in this process, or on a Ray cluster",
     )
     backend.add_argument(
-        "--ray-address", help="Ray cluster address (env RAY_ADDRESS; default: start a local one)"
+        "--ray-address",
+        help="an existing Ray cluster: ray://HOST:10001 or auto (env RAY_ADDRESS; default: "
+        "start a private local cluster that ends with the build)",
     )
     backend.add_argument(
         "--ray-gpus-per-encoder",
@@ -140,7 +184,14 @@ def _register_build(actions: argparse._SubParsersAction) -> None:
     backend.add_argument(
         "--ray-encoders",
         type=int,
-        help="encoder actors (default: one per GPU when they use GPUs, else one per node)",
+        help="encoder actors (default: one per GPU when they use GPUs, else one per CPU of "
+        "each node, at most 8 per node, sharing its CPUs; the choice is logged)",
+    )
+    backend.add_argument(
+        "--ray-cpus-per-encoder",
+        type=int,
+        help="CPUs (and torch threads) each encoder actor reserves (with --ray-encoders or "
+        "GPUs: default 1; else each node gets one CPU encoder per this many CPUs)",
     )
     build.add_argument("--activate", action="store_true", help="make the version active when ready")
     build.add_argument("--keep-workspace", action="store_true", help="keep intermediate files")
@@ -211,11 +262,11 @@ def run_build(args: argparse.Namespace) -> int:
             keep_workspace=args.keep_workspace,
             executor=executor,
         )
-    _report(outcome)
+    _report(outcome, skipped_images=_skipped_images(inputs))
     return 0
 
 
-def _report(outcome: BuildOutcome, origin: str = "") -> None:
+def _report(outcome: BuildOutcome, origin: str = "", skipped_images: int = 0) -> None:
     version = outcome.version
     print(
         f"{'built' if outcome.built else 'unchanged'} {version.label} ({version.state.value}"
@@ -224,6 +275,8 @@ def _report(outcome: BuildOutcome, origin: str = "") -> None:
         f"{version.statistics_mode.value} statistics, model {version.model_name} "
         f"{version.model_weights}".rstrip()
     )
+    if skipped_images:
+        print(f"  skipped {skipped_images:,} bad normal images (--skip-bad-images)")
     for stage, seconds in outcome.stage_seconds.items():
         print(f"  {stage:<34} {seconds:8.2f} s")
     if version.state.value != "active":
@@ -236,7 +289,10 @@ def _executor(args: argparse.Namespace) -> Executor:
     if args.backend == "local":
         return LocalExecutor()
     return RayExecutor(
-        args.ray_address, gpus_per_encoder=args.ray_gpus_per_encoder, encoders=args.ray_encoders
+        args.ray_address,
+        gpus_per_encoder=args.ray_gpus_per_encoder,
+        encoders=args.ray_encoders,
+        cpus_per_encoder=args.ray_cpus_per_encoder,
     )
 
 
@@ -259,6 +315,11 @@ def _inputs_and_options(
     )
     if args.default_k < 1:
         raise InvalidInputError(f"--default-k must be at least 1, got {args.default_k}")
+    if not (math.isfinite(args.default_lambda) and 0 <= args.default_lambda <= MAX_LAMBDA):
+        raise InvalidInputError(
+            f"--default-lambda must be a finite number between 0 and {MAX_LAMBDA:g}, "
+            f"got {args.default_lambda}"
+        )
     inputs, model, dictionary_source = (
         _embedding_inputs(args) if args.from_embeddings else _image_inputs(args, template, executor)
     )
@@ -274,7 +335,7 @@ def _inputs_and_options(
         default_k=args.default_k,
         default_lambda=args.default_lambda,
         calibration_fraction=args.calibration_fraction,
-        encode_precision=args.precision if args.from_images else "fp32",
+        encode_precision="fp32" if args.from_embeddings else args.precision,
     )
     return inputs, options
 
@@ -296,13 +357,14 @@ def _embedding_inputs(args: argparse.Namespace) -> tuple:
 
 def _image_inputs(args: argparse.Namespace, template: str, executor: Executor) -> tuple:
     from bliss.dictionaries import resolve_dictionary
-    from bliss.indexer.build_inputs import ImageFolderInputs, scan_image_folder
+    from bliss.indexer.build_inputs import ImageFolderInputs
     from bliss.indexer.executors import EncoderSettings
     from bliss.indexer.pipeline import ModelIdentity
 
-    classes = scan_image_folder(args.from_images, args.class_map)
+    # The dictionary and model are checked first: the image check can take minutes.
     dictionary = resolve_dictionary(args.dictionary)
     spec = _model_spec(args)
+    classes = _image_classes(args)
     inputs = ImageFolderInputs(
         classes,
         dictionary,
@@ -311,12 +373,54 @@ def _image_inputs(args: argparse.Namespace, template: str, executor: Executor) -
         ),
         template,
         chunk_size=args.chunk_size,
+        # Not part of the build's identity, but they change the embeddings' rounding:
+        # resumed chunks are reused only under the same ones.
+        encoding={"batch_size": args.batch_size, "device": args.device, "backend": args.backend},
     )
     return (
         inputs,
         ModelIdentity(spec.model_name, spec.weights_id, spec.checksum()),
         dictionary.source,
     )
+
+
+# Options that only one image source reads: (flag, the source's argument).
+_SOURCE_OPTIONS = {
+    "class_from": ("--class-from", "from_webdataset"),
+    "image_column": ("--image-column", "from_parquet"),
+    "label_column": ("--label-column", "from_parquet"),
+}
+
+
+def _image_classes(args: argparse.Namespace) -> list[ImageClass]:
+    """The normal images of the chosen source, every one checked before any encoding."""
+    from bliss.indexer.dataset_sources import scan_parquet, scan_webdataset
+    from bliss.indexer.image_checks import check_images
+    from bliss.indexer.image_sources import scan_image_folder
+
+    for option, (flag, source) in _SOURCE_OPTIONS.items():
+        if getattr(args, option) is not None and not getattr(args, source):
+            raise InvalidInputError(f"{flag} applies to --{source.replace('_', '-')} only")
+    if args.from_webdataset:
+        classes = scan_webdataset(args.from_webdataset, args.class_from or "cls", args.class_map)
+    elif args.from_parquet:
+        classes = scan_parquet(
+            args.from_parquet,
+            args.image_column or "image",
+            args.label_column or "label",
+            args.class_map,
+        )
+    else:
+        classes = scan_image_folder(args.from_images, args.class_map)
+    return check_images(classes, max_pixels=args.max_image_pixels, skip_bad=args.skip_bad_images)
+
+
+def _skipped_images(inputs: BuildInputs) -> int:
+    from bliss.indexer.build_inputs import ImageFolderInputs
+
+    if not isinstance(inputs, ImageFolderInputs):
+        return 0
+    return sum(image_class.skipped for image_class in inputs.classes)
 
 
 def _model_spec(args: argparse.Namespace) -> ModelSpec:

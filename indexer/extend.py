@@ -33,7 +33,7 @@ from bliss.indexer.pipeline import (
     build_version,
 )
 from bliss.indexer.workspace import BuildWorkspace
-from bliss.npy_files import DEFAULT_CHUNK_BYTES, NpyRows, NpyWriter, iter_row_chunks
+from bliss.npy_files import DEFAULT_CHUNK_BYTES, NpyRows, iter_row_chunks
 from bliss.serving_artifacts import (
     MappedEntryStatistics,
     MappedEntryTexts,
@@ -108,11 +108,13 @@ class ExtensionInputs:
 
     def dictionary_file(self, workspace: BuildWorkspace) -> Path:
         """The union's embeddings: the base version's exact vectors, then the new ones."""
-        if not workspace.has("dictionary.npy"):
+        # The base version and the extension are part of the build's identity.
+        produced_by = {"base": self.base.id, "added": len(self._new_rows)}
+        if not workspace.reusable("dictionary.npy", produced_by):
             size = self.dictionary_size(workspace)
             rows = max(1, DEFAULT_CHUNK_BYTES // (4 * self.embedding_dim))
-            target = workspace.path("dictionary.npy")
-            with NpyWriter(target, size, (self.embedding_dim,), "<f4") as writer:
+            shape = (self.embedding_dim,)
+            with workspace.npy_writer("dictionary.npy", size, shape, produced_by) as writer:
                 for start in range(0, self.base.dictionary_size, rows):
                     stop = min(start + rows, self.base.dictionary_size)
                     writer.write(self.base_index.vectors_at(np.arange(start, stop)))
@@ -123,10 +125,10 @@ class ExtensionInputs:
         return np.stack([record.label_embedding for record in self.base_classes])
 
     def class_embeddings_file(self, workspace: BuildWorkspace, position: int) -> Path:
-        name = f"class_{position:05d}.npy"
-        if not workspace.has("normals", name):
-            workspace.save_array(self.new_images(position), "normals", name)
-        return workspace.path("normals", name)
+        output = f"normals/class_{position:05d}.npy"
+        if not workspace.reusable(output, {"base": self.base.id}):
+            workspace.save_array(self.new_images(position), output, {"base": self.base.id})
+        return workspace.path(output)
 
     def release_encoder(self) -> None:
         """Extensions bring embeddings: there is no model to release."""

@@ -29,7 +29,7 @@ from bliss.errors import InvalidInputError
 from bliss.indexer.build_inputs import BuildInputs
 from bliss.indexer.class_statistics_task import ClassStatisticsTask, run_class_statistics
 from bliss.indexer.executors import Executor, LocalExecutor
-from bliss.indexer.workspace import BuildWorkspace
+from bliss.indexer.workspace import BuildWorkspace, digest
 from bliss.npy_files import NpyRows, npy_layout
 from bliss.recall_tuning import (
     ExactSearch,
@@ -129,7 +129,7 @@ def build_version(
             logger.info("activated %s", existing.label)
         return BuildOutcome(existing, built=False, stage_seconds={})
 
-    workspace = BuildWorkspace.for_build(data_dir, options.name, fingerprint)
+    workspace = BuildWorkspace.for_build(data_dir, options.name, fingerprint).open(fingerprint)
     build = run_type(store, data_dir, inputs, options, workspace, executor or LocalExecutor())
     version = existing or build.create_version(fingerprint, parent)
     if existing is not None:
@@ -162,6 +162,10 @@ class BuildRun:
         self.options = options
         self.workspace = workspace
         self.stage_seconds: dict[str, float] = {}
+        # What the store-side stages derive from: each records it, plus its own inputs,
+        # and is redone when a resumed run finds it changed.
+        self._lineage: dict[str, object] = {}
+        self._class_provenance: list[dict[str, object]] = []
 
     def create_version(self, fingerprint: str, parent: VersionRecord | None) -> VersionRecord:
         options = self.options
@@ -201,7 +205,8 @@ class BuildRun:
         rows = npy_layout(dictionary_file)[0][0]
         if rows != version.dictionary_size:
             raise InvalidInputError(
-                f"the dictionary has {rows} embeddings for {version.dictionary_size} entries"
+                f"the dictionary has {rows} embeddings for {version.dictionary_size} entries: "
+                f"remove the build's workspace {self.workspace.root} and run the build again"
             )
         with self._stage("normal embeddings"):
             normal_files = [
@@ -210,15 +215,23 @@ class BuildRun:
             ]
             labels = self.inputs.label_embeddings(self.workspace)
         self.inputs.release_encoder()
+        self._lineage = {
+            "version": version.id,
+            "dictionary": self.workspace.identity_of(dictionary_file),
+        }
         with self._stage("faiss index"):
             self._write_faiss(version, dictionary_file, normal_files)
+        self._class_provenance = [
+            self._statistics_provenance(normal_file, labels[position])
+            for position, normal_file in enumerate(normal_files)
+        ]
         with self._stage("class statistics"):
             records = self._class_statistics(dictionary_file, normal_files, labels)
         with self._stage("store rows"):
             self._write_store(version, self.inputs.dictionary_texts(self.workspace), records)
         with self._stage("serving artifacts"):
             self._write_artifacts(version, dictionary_file, len(records))
-        if self.workspace.has(TUNING_FILE):
+        if self.options.target_recall is not None:
             with self._stage("score change"):
                 self._record_tuning(version, dictionary_file)
         if self.options.calibration_fraction > 0:
@@ -233,15 +246,24 @@ class BuildRun:
     ) -> None:
         relative = Path("indexes") / self.options.name / f"v{version.version}.faiss"
         target = self.data_dir / relative
-        if self.workspace.has("faiss.sha256") and target.is_file():
+        produced_by = self._faiss_provenance()
+        if self.workspace.matches("faiss", produced_by) and target.is_file():
             logger.info("FAISS index %s already written", target)
-            return
-        index = self._faiss_index(version, dictionary_file, normal_files)
-        checksum = index.save(target)
-        self.store.set_faiss_file(
-            version.id, path=str(relative), kind=index.kind.value, checksum=checksum
-        )
-        self.workspace.save_lines(iter([checksum]), "faiss.sha256")
+        else:
+            index = self._faiss_index(version, dictionary_file, normal_files)
+            checksum = index.save(target)
+            self.store.set_faiss_file(
+                version.id, path=str(relative), kind=index.kind.value, checksum=checksum
+            )
+            self.workspace.mark("faiss", produced_by, sha256=checksum)
+        self._lineage["faiss"] = self.workspace.facts("faiss")["sha256"]
+
+    def _faiss_provenance(self) -> dict[str, object]:
+        return {
+            **self._lineage,
+            "index": asdict(self.options.index),
+            "target_recall": self.options.target_recall,
+        }
 
     def _faiss_index(
         self, version: VersionRecord, dictionary_file: Path, normal_files: list[Path]
@@ -277,7 +299,9 @@ class BuildRun:
             index.kind.value, tuning.parameter, tuning.value, k, tuning.recall, len(queries),
             target, "" if tuning.reached else ": NOT reached; use a larger --nlist, --pq-m or flat",
         )  # fmt: skip
-        self.workspace.save_lines(iter([json.dumps(asdict(tuning))]), TUNING_FILE)
+        self.workspace.save_lines(
+            iter([json.dumps(asdict(tuning))]), TUNING_FILE, self._faiss_provenance()
+        )
 
     def _tuning_queries(self, normal_files: list[Path]) -> np.ndarray:
         normal = np.concatenate([np.load(path, mmap_mode="r") for path in normal_files])
@@ -285,9 +309,10 @@ class BuildRun:
 
     def _record_tuning(self, version: VersionRecord, dictionary_file: Path) -> None:
         """The largest BLISS score change that approximate search causes, recorded."""
-        version = self.store.get_version_by_id(version.id)
-        if version.search_tuning is not None:
+        produced_by = {**self._lineage, "stage": "score change"}
+        if self.workspace.matches("score change", produced_by):
             return
+        version = self.store.get_version_by_id(version.id)
         tuning = SearchTuning(**json.loads(next(self.workspace.iter_lines(TUNING_FILE))))
         scorer = load_scorer(self.store, version, self.data_dir)
         exact = scorer.with_index(ExactSearch(NpyRows(dictionary_file), scorer.index))
@@ -297,6 +322,7 @@ class BuildRun:
         )  # fmt: skip
         change = np.abs(scorer.score(queries).score - exact.score(queries).score).max()
         self.store.set_search_tuning(version.id, replace(tuning, max_score_change=float(change)))
+        self.workspace.mark("score change", produced_by)
         logger.info("approximate search changes BLISS scores by at most %.3g", change)
 
     def _class_statistics(
@@ -330,16 +356,37 @@ class BuildRun:
                 bar.update()
         return self._class_records(labels)
 
+    def _statistics_provenance(self, normal_file: Path, label: np.ndarray) -> dict[str, object]:
+        """What a class's statistics depend on (both statistics paths are exact, but
+        their float rounding differs: a resumed build must not mix them)."""
+        return {
+            "dictionary": self._lineage["dictionary"],
+            "normal": self.workspace.identity_of(normal_file),
+            "label": hashlib.sha256(np.asarray(label, dtype="<f4").tobytes()).hexdigest(),
+            "calibration_fraction": self.options.calibration_fraction,
+            "path": self.options.statistics_path.value,
+            "mode": self.options.statistics_mode.value,
+        }
+
+    def _class_outputs(self, position: int) -> list[str]:
+        """A class's workspace files, the .npz (written last) at the end."""
+        entries = [_entry_file(position, kind) for kind in ("mean", "std")]
+        return [*(entries if self._table_mode else []), _statistics_file(position)]
+
     def _class_done(self, position: int) -> bool:
-        return self.workspace.has("statistics", _statistics_file(position))
+        produced_by = self._class_provenance[position]
+        return all(
+            self.workspace.reusable(file, produced_by) for file in self._class_outputs(position)
+        )
 
     def _save_class_statistics(self, position: int, arrays: dict[str, np.ndarray]) -> None:
         """A class's workspace files; the .npz, written last, marks the class done."""
+        produced_by = self._class_provenance[position]
         # The per-entry arrays are memory-mapped later, block by block.
         for kind in ("mean", "std") if self._table_mode else ():
             entry_values = arrays.pop(f"entry_{kind}")
-            self.workspace.save_array(entry_values, "statistics", _entry_file(position, kind))
-        self.workspace.save_arrays(arrays, "statistics", _statistics_file(position))
+            self.workspace.save_array(entry_values, _entry_file(position, kind), produced_by)
+        self.workspace.save_arrays(arrays, _statistics_file(position), produced_by)
 
     def _class_records(self, labels: np.ndarray) -> list[ClassRecord]:
         return [
@@ -348,7 +395,7 @@ class BuildRun:
         ]
 
     def _class_record(self, position: int, name: str, label: np.ndarray) -> ClassRecord:
-        arrays = self.workspace.load_arrays("statistics", _statistics_file(position))
+        arrays = self.workspace.load_arrays(_statistics_file(position))
         return ClassRecord(
             position=position,
             name=name,
@@ -365,19 +412,33 @@ class BuildRun:
         self, version: VersionRecord, texts: Iterator[str], records: list[ClassRecord]
     ) -> None:
         store = self.store
-        if store.count_entries(version.id) != version.dictionary_size:
+        self._lineage["classes"] = digest(
+            *(
+                self.workspace.checksum(file)
+                for p in range(len(records))
+                for file in self._class_outputs(p)
+            )
+        )
+        # Marked before the first write: the rows already in the store count as done
+        # only when the same statistics produced them.
+        produced_by = {**self._lineage, "stage": "store rows"}
+        resuming = self.workspace.matches("store rows", produced_by)
+        self.workspace.mark("store rows", produced_by)
+        if not resuming or store.count_entries(version.id) != version.dictionary_size:
             store.write_entries(version.id, texts)
         store.write_classes(version.id, records)
         if self._table_mode:
-            self._write_entry_statistics(version, records)
+            self._write_entry_statistics(version, records, resuming)
 
-    def _write_entry_statistics(self, version: VersionRecord, records: list[ClassRecord]) -> None:
+    def _write_entry_statistics(
+        self, version: VersionRecord, records: list[ClassRecord], resuming: bool
+    ) -> None:
         store = self.store
         entries = version.dictionary_size
         block = max(1, STATISTICS_BLOCK_ROWS // len(records))
         # Blocks are written in order, one transaction each: the rows present say where
-        # a killed build stopped.
-        done = store.count_entry_statistics(version.id) // len(records)
+        # a killed build stopped. Each block replaces the rows it covers.
+        done = store.count_entry_statistics(version.id) // len(records) if resuming else 0
         means, stds = self._entry_columns(len(records))
         with tqdm(total=entries, initial=done, desc="store statistics", unit="entry") as bar:
             for start in range(done - done % block, entries, block):
@@ -394,7 +455,7 @@ class BuildRun:
         """Each class's eq. 8 mean and std columns ([t] each), memory-mapped."""
         return tuple(  # type: ignore[return-value]
             [
-                self.workspace.load_array("statistics", _entry_file(position, kind), mmap=True)
+                self.workspace.load_array(_entry_file(position, kind), mmap=True)
                 for position in range(classes)
             ]
             for kind in ("mean", "std")
@@ -405,7 +466,11 @@ class BuildRun:
         version = self.store.get_version_by_id(version.id)
         faiss_file = self.data_dir / version.faiss_path
         directory = artifacts_directory(faiss_file)
-        if version.artifacts_checksum is not None and (directory / MANIFEST).is_file():
+        produced_by = {**self._lineage, "stage": "serving artifacts"}
+        if (
+            self.workspace.matches("serving artifacts", produced_by)
+            and (directory / MANIFEST).is_file()
+        ):
             logger.info("serving artifacts %s already written", directory)
             return
         writer = ArtifactsWriter(directory, version.dictionary_size, classes)
@@ -415,6 +480,7 @@ class BuildRun:
         if not self.options.index.kind.stores_exact_vectors:
             writer.write_vectors(dictionary_file)
         self.store.set_artifacts(version.id, writer.finish(faiss_file, version.faiss_checksum))
+        self.workspace.mark("serving artifacts", produced_by)
         version = self.store.get_version_by_id(version.id)
         # Every file was hashed as it was written: compare the snapshot with the store.
         checked = verify_version(self.store, version, self.data_dir, hash_files=False)
@@ -433,11 +499,12 @@ class BuildRun:
 
     def _calibrate(self, version: VersionRecord) -> None:
         """Score the held-out normal images in every mode; store their sorted scores."""
-        if self.store.load_calibration(version.id) is not None:
+        produced_by = {**self._lineage, "stage": "calibration"}
+        if self.workspace.matches("calibration", produced_by):
             return
         held_out = np.concatenate(
             [
-                self.workspace.load_arrays("statistics", _statistics_file(position))["held_out"]
+                self.workspace.load_arrays(_statistics_file(position))["held_out"]
                 for position in range(len(self.inputs.class_names))
             ]
         )
@@ -451,6 +518,7 @@ class BuildRun:
             },
         )
         self.store.write_calibration(version.id, calibration)
+        self.workspace.mark("calibration", produced_by)
         logger.info("calibrated on %d held-out normal images", len(held_out))
 
     @contextmanager
@@ -474,11 +542,11 @@ def _check_calibration_fraction(fraction: float, class_sizes: list[int]) -> None
 
 def _statistics_file(position: int) -> str:
     """Written last for a class: its presence means the class's statistics are done."""
-    return f"class_{position:05d}.npz"
+    return f"statistics/class_{position:05d}.npz"
 
 
 def _entry_file(position: int, kind: str) -> str:
-    return f"class_{position:05d}.entry_{kind}.npy"
+    return f"statistics/class_{position:05d}.entry_{kind}.npy"
 
 
 def _check_dimension(what: str, embeddings: np.ndarray, dim: int) -> None:

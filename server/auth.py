@@ -1,6 +1,9 @@
 """Static bearer-token check: ``authorization: Bearer TOKEN`` or UNAUTHENTICATED.
 
-Health checks stay open so load balancers and orchestrators can probe without the token.
+The check runs on the call's metadata alone, before the request body is read: a refused
+call is answered by a handler that never looks at its request (the scorer's handlers
+take raw bytes, so nothing is parsed either). Health checks stay open so load balancers
+and orchestrators can probe without the token.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if problem is None:
             return handler
         self._metrics.unauthenticated.inc()
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        code = grpc.StatusCode.UNAUTHENTICATED.name
+        self._metrics.requests.labels(method, code).inc()
+        self._metrics.errors.labels(method, code).inc()
         return _refusing_handler(handler, problem)
 
     def _problem(self, metadata: tuple[tuple[str, Any], ...]) -> str | None:
@@ -60,10 +67,8 @@ def _refusing_handler(handler: grpc.RpcMethodHandler, problem: str) -> grpc.RpcM
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
         yield  # pragma: no cover (makes this an async generator, as a streaming handler is)
 
-    codec = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
+    # No request deserializer: whatever the body holds, it is never parsed.
+    codec = {"request_deserializer": None, "response_serializer": handler.response_serializer}
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(refuse_streaming, **codec)
     if handler.request_streaming:

@@ -17,8 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="serve the active index versions over gRPC",
         description="Serves every active index version of the store over gRPC "
-        "(bliss.v1.AnomalyScorer, grpc.health.v1, reflection) and picks up newly activated "
-        "versions without dropping requests. SIGTERM drains in-flight calls, then exits.",
+        "(bliss.v1.AnomalyScorer, grpc.health.v1, and reflection with --reflection) and picks "
+        "up newly activated versions without dropping requests. Listens on 127.0.0.1 unless "
+        "--host says otherwise. SIGTERM drains in-flight calls, then exits.",
     )
     add_server_arguments(serve)
     serve.set_defaults(handler=run_serve)

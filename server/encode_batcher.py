@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -93,11 +94,18 @@ class EncodeBatcher:
                 for item in live:
                     item.result.cancel()
                 raise
-            except Exception as error:
-                logger.exception("encoder %s failed on a micro-batch of %d", self.name, len(live))
+            except Exception:
+                reference = secrets.token_hex(4)
+                logger.exception(
+                    "encoder %s failed on a micro-batch of %d (reference %s)",
+                    self.name,
+                    len(live),
+                    reference,
+                )
+                # The exception's text may name the server's files or devices: log only.
                 failure = EncodingFailedError(
                     f"the image encoder failed on a micro-batch of {len(live)} images "
-                    f"({type(error).__name__}: {error}); the server log has the traceback"
+                    f"(reference {reference}: the server log has the traceback)"
                 )
                 for item in live:
                     if not item.result.done():

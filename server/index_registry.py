@@ -27,6 +27,8 @@ from bliss.errors import BlissError, InvalidInputError, NotFoundError
 from bliss.gpu_index import GpuOptions
 from bliss.scorer import Scorer
 from bliss.server.encode_batcher import EncodeBatcher
+from bliss.server.error_details import redact_locations, shorten
+from bliss.server.request_limits import check_version_defaults, entry_text_bound
 from bliss.server.status_codes import IndexUnavailableError
 from bliss.version_loader import load_scorer
 
@@ -66,8 +68,9 @@ class ServedIndex:
     version: VersionRecord
     scorer: Scorer
     images: ImageEncoding | None
-    images_unavailable_reason: str
+    images_unavailable_reason: str  # shown to clients: no paths or URLs
     loaded_at: datetime
+    entry_text_bound: int  # longest top-entry text in a response, UTF-8 bytes
     in_flight: int = 0
     retired: bool = False
     released: bool = False
@@ -84,7 +87,6 @@ class ServedIndex:
 @dataclass(frozen=True)
 class _FailedLoad:
     version: VersionRecord
-    reason: str
     at: float
 
 
@@ -131,13 +133,14 @@ class IndexRegistry:
             return served
         failed = self._failed.get(name)
         if failed is not None:
+            # The reason (file paths, store errors) stays in the server log.
             raise IndexUnavailableError(
                 f"index {name!r} is active but its version {failed.version.label} failed to "
-                f"load here: {failed.reason}; the server retries every "
-                f"{RETRY_FAILED_LOAD_S:.0f} s (see its log)"
+                f"load on this server (its log has the reason); the server retries every "
+                f"{RETRY_FAILED_LOAD_S:.0f} s"
             )
         raise NotFoundError(
-            f"no active index is named {name!r}; served: {', '.join(known) or 'none'}"
+            f"no active index is named {shorten(name)!r}; served: {', '.join(known) or 'none'}"
         )
 
     @contextmanager
@@ -207,7 +210,7 @@ class IndexRegistry:
         started = time.monotonic()
         logger.info("loading %s", version.label)
         try:
-            scorer = await asyncio.to_thread(self._load_scorer, version)
+            scorer, text_bound = await asyncio.to_thread(self._load_scorer, version)
         except Exception as error:
             # Whatever broke (missing or changed FAISS file, incomplete rows, store outage),
             # the versions already served keep serving.
@@ -215,7 +218,7 @@ class IndexRegistry:
                 logger.warning("cannot load %s: %s", version.label, error)
             else:
                 logger.exception("cannot load %s", version.label)
-            self._failed[version.name] = _FailedLoad(version, str(error), time.monotonic())
+            self._failed[version.name] = _FailedLoad(version, time.monotonic())
             self._metrics.index_loads.labels(version.name, "failed").inc()
             if version.name not in self._served:
                 await self._health.set(version.name, _NOT_SERVING)
@@ -227,6 +230,7 @@ class IndexRegistry:
             images=images,
             images_unavailable_reason=reason,
             loaded_at=datetime.now(timezone.utc),
+            entry_text_bound=text_bound,
         )
         previous = self._served.get(version.name)
         self._served[version.name] = served  # the switch
@@ -245,8 +249,9 @@ class IndexRegistry:
         if previous is not None:
             self._retire(previous)
 
-    def _load_scorer(self, version: VersionRecord) -> Scorer:
-        return load_scorer(
+    def _load_scorer(self, version: VersionRecord) -> tuple[Scorer, int]:
+        """The version's scorer and its entry-text bound; unusable defaults refuse it."""
+        scorer = load_scorer(
             self._store,
             version,
             self._settings.data_dir,
@@ -254,6 +259,8 @@ class IndexRegistry:
             use_gpu=self._settings.faiss_gpu,
             gpu_options=GpuOptions(float16=self._settings.faiss_gpu_float16),
         )
+        check_version_defaults(scorer.defaults, version.label)
+        return scorer, entry_text_bound(scorer)
 
     async def _image_encoding(self, version: VersionRecord) -> tuple[ImageEncoding | None, str]:
         from bliss.version_loader import image_encoder_for
@@ -270,10 +277,11 @@ class IndexRegistry:
                     self._settings.encode_precision,
                 )
             except BlissError as error:
-                return None, str(error)
-            except Exception as error:
+                logger.info("%s cannot encode images: %s", version.label, error)
+                return None, redact_locations(str(error))
+            except Exception:
                 logger.exception("the image encoder of %s failed to load", version.label)
-                return None, f"its image encoder failed to load ({type(error).__name__}: {error})"
+                return None, "its image encoder failed to load (the server log has the details)"
             batcher = EncodeBatcher(
                 encoder.encode_image_batch,
                 name=version.model_name,

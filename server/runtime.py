@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from bliss.blas_kernels import describe_blas
 from bliss.errors import InvalidInputError
@@ -26,14 +25,13 @@ from bliss.server.allocator_tuning import keep_freed_buffers
 from bliss.server.auth import BearerTokenInterceptor
 from bliss.server.index_registry import IndexRegistry
 from bliss.server.metrics import MetricsEndpoint, ServerMetrics
-from bliss.server.scoring_service import AnomalyScorerService
+from bliss.server.reflection import enable_reflection
+from bliss.server.scoring_service import SCORER_SERVICE, AnomalyScorerService
 from bliss.server.settings import ServerSettings
 from bliss.store import Store
-from bliss.v1 import scorer_pb2, scorer_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-SCORER_SERVICE = scorer_pb2.DESCRIPTOR.services_by_name["AnomalyScorer"].full_name
 # Clients may ping every 10 s while a long call runs (they default to 30 s); the gRPC
 # default of 5 minutes would answer their keepalive pings with GOAWAY.
 _MIN_CLIENT_PING_INTERVAL_MS = 10_000
@@ -96,11 +94,10 @@ class BlissServer:
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         self._service = AnomalyScorerService(self.registry, settings, self.metrics)
-        scorer_pb2_grpc.add_AnomalyScorerServicer_to_server(self._service, self._server)
+        self._server.add_generic_rpc_handlers((self._service.method_handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            (SCORER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
-        )
+        if settings.reflection:
+            enable_reflection(self._server, (SCORER_SERVICE, health.SERVICE_NAME))
         self.port = self._bind(credentials)
         await self._server.start()
         self._poller = asyncio.get_running_loop().create_task(self.registry.poll_forever())
@@ -111,13 +108,17 @@ class BlissServer:
             self.metrics_port = self._metrics_endpoint.port
         served = ", ".join(s.label for s in self.registry.served_indexes()) or "nothing yet"
         logger.info(
-            "listening on %s:%d (%s, bearer token %s); serving %s",
+            "listening on %s:%d (%s, bearer token %s, reflection %s); serving %s",
             settings.host,
             self.port,
             self.security,
             "required" if token else "off",
+            "on" if settings.reflection else "off",
             served,
         )
+        exposure = settings.exposure_warning()
+        if exposure is not None:
+            logger.warning(exposure)
 
     def _bind(self, credentials: grpc.ServerCredentials | None) -> int:
         assert self._server is not None

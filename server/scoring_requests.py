@@ -1,20 +1,37 @@
 """Protobuf requests to validated arrays, and score batches to protobuf responses.
 
 Validation happens before any expensive work (image decoding, encoding, FAISS) and every
-message names the item at fault: ``item 3 (id 'cam7/0012.jpg')``. The scoring itself is
+message names the item at fault: ``item 3 (id 'cam7/0012.jpg')``, with a field violation
+(``items[3].embedding``) for the client. The scoring itself is
 :meth:`bliss.scorer.Scorer.score`; nothing here computes a score.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
+from google.protobuf.message import DecodeError, Message
 
-from bliss.errors import InvalidInputError
 from bliss.scorer import Scorer
 from bliss.scoring import ScoreBatch, ScoringMode
+from bliss.server.error_details import (
+    BadRequestError,
+    FieldViolation,
+    describe_item,
+    item_error,
+    items_error,
+    shorten,
+)
+from bliss.server.request_limits import (
+    ENTRY_TEXT_MAX_BYTES,
+    MIN_EMBEDDING_NORM,
+    check_k,
+    check_lambda,
+    clip_entry_text,
+    tiny_rows,
+)
 from bliss.server.status_codes import BatchTooLargeError
 from bliss.v1 import scorer_pb2
 
@@ -24,18 +41,30 @@ _MODES = {
     scorer_pb2.SCORING_MODE_IC: ScoringMode.IC,
     scorer_pb2.SCORING_MODE_IC_RAW: ScoringMode.IC_RAW,
 }
-_SHOWN_ITEMS = 5
 _FLOAT32_LE = np.dtype("<f4")
+# A text of at most this many characters is within ENTRY_TEXT_MAX_BYTES whatever they are.
+_UNCLIPPED_CHARS = ENTRY_TEXT_MAX_BYTES // 4
+
+MessageT = TypeVar("MessageT", bound=Message)
 
 
-def describe_item(position: int, item_id: str) -> str:
-    return f"item {position} (id {item_id!r})" if item_id else f"item {position}"
+def parse_message(raw: bytes, message_type: type[MessageT]) -> MessageT:
+    """The request message from its wire bytes; malformed bytes are the caller's fault."""
+    try:
+        return message_type.FromString(raw)
+    except DecodeError:
+        name = message_type.DESCRIPTOR.full_name
+        raise BadRequestError(
+            f"the request is not a valid {name} message ({len(raw):,} bytes that do not parse "
+            "as protobuf): build it from proto/bliss/v1/scorer.proto"
+        ) from None
 
 
 @dataclass(frozen=True)
 class ScoringOptions:
     mode: ScoringMode
-    k: int | None
+    k: int | None  # None: the version's default
+    effective_k: int  # what the scorer will use, for the response budget
     lam: float | None
     class_scores: bool
     top_entries: bool
@@ -51,30 +80,31 @@ class ParsedItems:
     images: list[bytes]
 
 
-def parse_options(options: scorer_pb2.ScoreOptions, scorer: Scorer, label: str) -> ScoringOptions:
+def parse_options(options: scorer_pb2.ScoreOptions, scorer: Scorer, max_k: int) -> ScoringOptions:
     mode = _MODES.get(options.mode)
     if mode is None:
-        raise InvalidInputError(
+        raise BadRequestError(
             f"unknown scoring mode {options.mode}: use SCORING_MODE_BLISS, SCORING_MODE_IC or "
-            "SCORING_MODE_IC_RAW"
+            "SCORING_MODE_IC_RAW",
+            [FieldViolation("options.mode", "must be a ScoringMode value")],
         )
     k = options.k if options.HasField("k") else None
-    if k is not None and not 1 <= k <= scorer.dictionary_size:
-        raise InvalidInputError(
-            f"K={k} must be between 1 and the dictionary size of {label} "
-            f"({scorer.dictionary_size} entries)"
-        )
-    if k is None and scorer.defaults.k > scorer.dictionary_size:
-        raise InvalidInputError(
-            f"the default K={scorer.defaults.k} of {label} exceeds its dictionary size "
-            f"({scorer.dictionary_size} entries): set K in the request"
+    if k is not None:
+        check_k(k, scorer, max_k)
+    elif scorer.defaults.k > min(max_k, scorer.dictionary_size):
+        raise BadRequestError(
+            f"the default K={scorer.defaults.k} of {scorer.label} exceeds its dictionary size "
+            f"({scorer.dictionary_size} entries) or the server's limit of {max_k} (--max-k): "
+            "set K in the request",
+            [FieldViolation("options.k", "must be set: the version's default is out of range")],
         )
     lam = options.lambda_weight if options.HasField("lambda_weight") else None
-    if lam is not None and not math.isfinite(lam):
-        raise InvalidInputError(f"lambda must be a finite number, got {lam}")
+    if lam is not None:
+        check_lambda(lam)
     return ScoringOptions(
         mode=mode,
         k=k,
+        effective_k=scorer.defaults.k if k is None else k,
         lam=lam,
         class_scores=options.return_class_scores,
         top_entries=options.return_top_entries,
@@ -82,9 +112,12 @@ def parse_options(options: scorer_pb2.ScoreOptions, scorer: Scorer, label: str) 
 
 
 def parse_items(items: list[scorer_pb2.Item], dim: int, label: str, max_items: int) -> ParsedItems:
-    """Check sizes and dimensions; decode embedding bytes; NaN/inf/zero rows are refused."""
+    """Check sizes and dimensions; decode embedding bytes; unusable rows are refused."""
     if not items:
-        raise InvalidInputError("the request has no items: send at least one image or embedding")
+        raise BadRequestError(
+            "the request has no items: send at least one image or embedding",
+            [FieldViolation("items", "must not be empty")],
+        )
     if len(items) > max_items:
         raise BatchTooLargeError(
             f"the request has {len(items)} items, over the server's limit of {max_items} "
@@ -102,10 +135,12 @@ def parse_items(items: list[scorer_pb2.Item], dim: int, label: str, max_items: i
         if kind == "embedding":
             embedding = item.embedding
             if embedding.dim != dim or len(embedding.values) != expected_bytes:
-                raise InvalidInputError(
-                    f"{describe_item(position, item.id)}: {_embedding_shape_problem(embedding)}; "
-                    f"index {label} takes {dim}-dimensional float32 embeddings "
-                    f"({expected_bytes} bytes, little-endian)"
+                raise item_error(
+                    position,
+                    item.id,
+                    "embedding",
+                    f"{_embedding_shape_problem(embedding)}; index {shorten(label)} takes "
+                    f"{dim}-dimensional float32 embeddings ({expected_bytes} bytes, little-endian)",
                 )
             embedding_positions.append(position)
             values.append(embedding.values)
@@ -113,8 +148,9 @@ def parse_items(items: list[scorer_pb2.Item], dim: int, label: str, max_items: i
             image_positions.append(position)
             images.append(item.image)
         else:
-            raise InvalidInputError(
-                f"{describe_item(position, item.id)} has neither an image nor an embedding"
+            raise BadRequestError(
+                f"{describe_item(position, item.id)} has neither an image nor an embedding",
+                [FieldViolation(f"items[{position}].input", "set image or embedding")],
             )
     embeddings = np.zeros((len(items), dim), dtype=np.float32)
     if values:
@@ -144,15 +180,18 @@ def _reject_unusable_rows(rows: np.ndarray, positions: list[int], ids: list[str]
     _reject(~finite, positions, ids, "NaN or infinite values in the embedding")
     zero = ~rows.any(axis=1)
     _reject(zero, positions, ids, "the embedding is all zeros (it has no direction to compare)")
+    _reject(
+        tiny_rows(rows),
+        positions,
+        ids,
+        f"the embedding's L2 norm is below {MIN_EMBEDDING_NORM:g} (too small to have a "
+        "reliable direction): send the model's unnormalised or normalised output",
+    )
 
 
 def _reject(bad: np.ndarray, positions: list[int], ids: list[str], problem: str) -> None:
-    if not bad.any():
-        return
-    rows = np.flatnonzero(bad)
-    named = [describe_item(positions[r], ids[positions[r]]) for r in rows[:_SHOWN_ITEMS]]
-    more = f" and {len(rows) - _SHOWN_ITEMS} more" if len(rows) > _SHOWN_ITEMS else ""
-    raise InvalidInputError(f"{', '.join(named)}{more}: {problem}")
+    if bad.any():
+        raise items_error([positions[r] for r in np.flatnonzero(bad)], ids, "embedding", problem)
 
 
 def build_response(
@@ -192,7 +231,7 @@ def build_response(
             entries = result.top_entries
             for text, similarity in zip(texts[row], similarities[row], strict=True):
                 entry = entries.add()
-                entry.text = text
+                entry.text = text if len(text) <= _UNCLIPPED_CHARS else clip_entry_text(text)
                 entry.similarity = similarity
         if quantiles is not None:
             result.normal_quantile = quantiles[row]

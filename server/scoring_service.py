@@ -1,9 +1,14 @@
-"""The AnomalyScorer service: request -> validation -> (decode, encode) -> Scorer.score.
+"""The AnomalyScorer service: bytes -> request -> validation and budgets -> (decode,
+encode) -> Scorer.score -> finite outputs only.
 
-CPU-heavy stages run off the event loop: parsing, FAISS search, gather and scoring on
-the scoring pool; image decoding on the decode pool; encoding on the micro-batcher's
-thread. Expected failures are BlissErrors turned into a precise status; anything else is
-logged with a traceback and answered INTERNAL with a reference to find that log line.
+The service takes raw request bytes (:meth:`AnomalyScorerService.method_handlers`) and
+parses them itself, so a malformed message is answered INVALID_ARGUMENT instead of
+gRPC's UNKNOWN with a traceback, is counted in the metrics, and nothing is parsed before
+the token check (an interceptor) has passed. CPU-heavy stages run off the event loop:
+validation, FAISS search, gather and scoring on the scoring pool; image header checks
+and decoding on the decode pool; encoding on the micro-batcher's thread. Expected
+failures are BlissErrors turned into a precise status with field violations; anything
+else is logged with a traceback and answered INTERNAL with a reference to that log line.
 """
 
 from __future__ import annotations
@@ -19,37 +24,53 @@ from contextlib import asynccontextmanager, contextmanager
 import grpc
 import numpy as np
 
-from bliss.errors import BlissError, InvalidInputError
-from bliss.server.image_decoding import ImageLimits, preprocessed_image
+from bliss.errors import BlissError, InvalidInputError, StoreError
+from bliss.server.error_details import (
+    describe_item,
+    error_status,
+    item_error,
+    shorten,
+    with_prefix,
+)
+from bliss.server.image_decoding import ImageLimits, declared_pixels, preprocessed_image
 from bliss.server.index_info import index_info
 from bliss.server.index_registry import IndexRegistry, ServedIndex
 from bliss.server.metrics import ServerMetrics
+from bliss.server.request_limits import ResponseShape, check_finite_outputs, check_response_size
 from bliss.server.scoring_requests import (
     ParsedItems,
     ScoringOptions,
     build_response,
-    describe_item,
     parse_items,
+    parse_message,
     parse_options,
 )
 from bliss.server.settings import ServerSettings
-from bliss.server.status_codes import ImagesUnavailableError, status_code_for
-from bliss.v1 import scorer_pb2, scorer_pb2_grpc
+from bliss.server.status_codes import (
+    ImagesUnavailableError,
+    IndexReadError,
+    NonFiniteScoreError,
+    status_code_for,
+)
+from bliss.v1 import scorer_pb2
 
 logger = logging.getLogger(__name__)
 
+SCORER_SERVICE = scorer_pb2.DESCRIPTOR.services_by_name["AnomalyScorer"].full_name
 # Request messages of one stream scored concurrently (responses still go out in order).
 STREAM_WINDOW = 4
 
 
-class AnomalyScorerService(scorer_pb2_grpc.AnomalyScorerServicer):
+class AnomalyScorerService:
     def __init__(
         self, registry: IndexRegistry, settings: ServerSettings, metrics: ServerMetrics
     ) -> None:
         self._registry = registry
         self._settings = settings
         self._metrics = metrics
-        self._limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+        self._limits = ImageLimits(
+            settings.max_image_bytes, settings.max_image_pixels, settings.max_request_pixels
+        )
         self._scoring_pool = ThreadPoolExecutor(
             settings.scoring_threads, thread_name_prefix="bliss-score"
         )
@@ -61,24 +82,44 @@ class AnomalyScorerService(scorer_pb2_grpc.AnomalyScorerServicer):
         self._scoring_pool.shutdown(wait=True, cancel_futures=True)
         self._decode_pool.shutdown(wait=True, cancel_futures=True)
 
+    def method_handlers(self) -> grpc.GenericRpcHandler:
+        """bliss.v1.AnomalyScorer with raw-bytes requests (parsed by the methods below)."""
+        return grpc.method_handlers_generic_handler(
+            SCORER_SERVICE,
+            {
+                "Score": grpc.unary_unary_rpc_method_handler(
+                    self.Score, response_serializer=scorer_pb2.ScoreResponse.SerializeToString
+                ),
+                "ScoreStream": grpc.stream_stream_rpc_method_handler(
+                    self.ScoreStream,
+                    response_serializer=scorer_pb2.ScoreResponse.SerializeToString,
+                ),
+                "GetIndexInfo": grpc.unary_unary_rpc_method_handler(
+                    self.GetIndexInfo, response_serializer=scorer_pb2.IndexInfo.SerializeToString
+                ),
+                "ListIndexes": grpc.unary_unary_rpc_method_handler(
+                    self.ListIndexes,
+                    response_serializer=scorer_pb2.ListIndexesResponse.SerializeToString,
+                ),
+            },
+        )
+
     # ------------------------------------------------------------------ RPCs
 
     async def Score(  # noqa: N802 (gRPC method name)
-        self, request: scorer_pb2.ScoreRequest, context: grpc.aio.ServicerContext
+        self, raw: bytes, context: grpc.aio.ServicerContext
     ) -> scorer_pb2.ScoreResponse:
         async with self._status_on_error(context, "Score"):
             with self._measured("Score", context):
-                return await self._score(request)
+                return await self._score(parse_message(raw, scorer_pb2.ScoreRequest))
 
     async def ScoreStream(  # noqa: N802 (gRPC method name)
-        self,
-        request_iterator: AsyncIterator[scorer_pb2.ScoreRequest],
-        context: grpc.aio.ServicerContext,
+        self, raw_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[scorer_pb2.ScoreResponse]:
         # A reader task keeps taking request messages while earlier ones are scored, so a
         # client that waits for each response before sending the next one cannot deadlock.
         window: asyncio.Queue[asyncio.Task | BaseException | None] = asyncio.Queue(STREAM_WINDOW)
-        reader = asyncio.ensure_future(self._read_stream(request_iterator, window, context))
+        reader = asyncio.ensure_future(self._read_stream(raw_requests, window, context))
         position = 0
         try:
             async with self._status_on_error(context, "ScoreStream"):
@@ -88,7 +129,7 @@ class AnomalyScorerService(scorer_pb2_grpc.AnomalyScorerServicer):
                     try:
                         response = await task
                     except BlissError as error:
-                        raise type(error)(f"stream message {position}: {error}") from None
+                        raise with_prefix(error, f"stream message {position}") from None
                     yield response
                     position += 1
         finally:
@@ -99,17 +140,19 @@ class AnomalyScorerService(scorer_pb2_grpc.AnomalyScorerServicer):
                     leftover.cancel()
 
     async def GetIndexInfo(  # noqa: N802 (gRPC method name)
-        self, request: scorer_pb2.GetIndexInfoRequest, context: grpc.aio.ServicerContext
+        self, raw: bytes, context: grpc.aio.ServicerContext
     ) -> scorer_pb2.IndexInfo:
         async with self._status_on_error(context, "GetIndexInfo"):
             with self._measured("GetIndexInfo", context):
+                request = parse_message(raw, scorer_pb2.GetIndexInfoRequest)
                 return index_info(self._registry.resolve(request.index))
 
     async def ListIndexes(  # noqa: N802 (gRPC method name)
-        self, request: scorer_pb2.ListIndexesRequest, context: grpc.aio.ServicerContext
+        self, raw: bytes, context: grpc.aio.ServicerContext
     ) -> scorer_pb2.ListIndexesResponse:
         async with self._status_on_error(context, "ListIndexes"):
             with self._measured("ListIndexes", context):
+                parse_message(raw, scorer_pb2.ListIndexesRequest)
                 served = self._registry.served_indexes()
                 return scorer_pb2.ListIndexesResponse(indexes=[index_info(s) for s in served])
 
@@ -138,10 +181,17 @@ class AnomalyScorerService(scorer_pb2_grpc.AnomalyScorerServicer):
     def _parse_and_score_embeddings(
         self, request: scorer_pb2.ScoreRequest, served: ServedIndex
     ) -> tuple[ParsedItems, ScoringOptions, scorer_pb2.ScoreResponse | None]:
-        """Validate the whole request; score it right away when it holds no images."""
-        options = parse_options(request.options, served.scorer, served.label)
+        """Validate the whole request and its budget; score it now when it holds no images."""
+        settings = self._settings
+        options = parse_options(request.options, served.scorer, settings.max_k)
         parsed = parse_items(
-            request.items, served.scorer.dim, served.label, self._settings.max_batch_items
+            request.items, served.scorer.dim, served.label, settings.max_batch_items
+        )
+        shape = ResponseShape(
+            parsed.ids, options.effective_k, options.top_entries, options.class_scores
+        )
+        check_response_size(
+            shape, served.scorer, served.entry_text_bound, settings.max_message_bytes
         )
         if not parsed.image_positions:
             return parsed, options, self._score_parsed(served, parsed, options)
@@ -156,14 +206,49 @@ class AnomalyScorerService(scorer_pb2_grpc.AnomalyScorerServicer):
     def _score_parsed(
         self, served: ServedIndex, parsed: ParsedItems, options: ScoringOptions
     ) -> scorer_pb2.ScoreResponse:
-        batch = served.scorer.score(
-            parsed.embeddings, mode=options.mode, k=options.k, lam=options.lam
-        )
-        return build_response(batch, served.scorer, parsed.ids, options)
+        try:
+            batch = served.scorer.score(
+                parsed.embeddings, mode=options.mode, k=options.k, lam=options.lam
+            )
+            check_finite_outputs(batch, parsed.ids, served.label)
+            return build_response(batch, served.scorer, parsed.ids, options)
+        except (StoreError, NonFiniteScoreError):
+            raise
+        except BlissError as error:
+            # The request was validated already: this is the version's files or rows
+            # failing (a missing entry, a corrupt file), which the client cannot fix.
+            reference = secrets.token_hex(4)
+            logger.warning(
+                "scoring on %s failed (reference %s): %s", served.label, reference, error
+            )
+            raise IndexReadError(
+                f"index {served.label} could not be read while scoring (reference {reference}: "
+                "the server log has the details)"
+            ) from None
+
+    def _check_image_pixels(self, parsed: ParsedItems) -> None:
+        """Header checks of every image, and the request's pixel budget, before decoding."""
+        total = 0
+        for position, data in zip(parsed.image_positions, parsed.images, strict=True):
+            item_id = parsed.ids[position]
+            try:
+                total += declared_pixels(data, self._limits)
+            except InvalidInputError as error:
+                raise item_error(position, item_id, "image", str(error)) from None
+            if total > self._limits.max_request_pixels:
+                raise item_error(
+                    position,
+                    item_id,
+                    "image",
+                    f"the request's images declare {total:,} pixels up to this one, over the "
+                    f"server's limit of {self._limits.max_request_pixels:,} per request "
+                    "(--max-request-pixels): send fewer or smaller images per request",
+                )
 
     async def _encode_images(self, served: ServedIndex, parsed: ParsedItems) -> np.ndarray:
         assert served.images is not None  # checked while parsing
         loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._decode_pool, self._check_image_pixels, parsed)
         preprocess = served.images.encoder.preprocess
         decoded = await asyncio.gather(
             *(
@@ -177,34 +262,30 @@ class AnomalyScorerService(scorer_pb2_grpc.AnomalyScorerServicer):
         # Report the first bad image in request order, whichever failed first in time.
         for position, outcome in zip(parsed.image_positions, decoded, strict=True):
             if isinstance(outcome, InvalidInputError):
-                raise InvalidInputError(
-                    f"{describe_item(position, parsed.ids[position])}: {outcome}"
-                ) from None
+                raise item_error(position, parsed.ids[position], "image", str(outcome)) from None
             if isinstance(outcome, BaseException):
                 raise outcome
         return await served.images.batcher.encode(decoded)
 
     async def _read_stream(
         self,
-        requests: AsyncIterator[scorer_pb2.ScoreRequest],
+        raw_requests: AsyncIterator[bytes],
         window: asyncio.Queue[asyncio.Task | BaseException | None],
         context: grpc.aio.ServicerContext,
     ) -> None:
         try:
-            async for request in requests:
-                await window.put(
-                    asyncio.ensure_future(self._score_stream_message(request, context))
-                )
+            async for raw in raw_requests:
+                await window.put(asyncio.ensure_future(self._score_stream_message(raw, context)))
         except Exception as error:
             await window.put(error)
             return
         await window.put(None)
 
     async def _score_stream_message(
-        self, request: scorer_pb2.ScoreRequest, context: grpc.aio.ServicerContext
+        self, raw: bytes, context: grpc.aio.ServicerContext
     ) -> scorer_pb2.ScoreResponse:
         with self._measured("ScoreStream", context):
-            return await self._score(request)
+            return await self._score(parse_message(raw, scorer_pb2.ScoreRequest))
 
     # ------------------------------------------------------------------ errors and metrics
 
@@ -237,15 +318,19 @@ class AnomalyScorerService(scorer_pb2_grpc.AnomalyScorerServicer):
             yield
         except BlissError as error:
             code = status_code_for(error)
-            logger.info(
+            message = self._public_message(error, method, context)
+            status = error_status(code, message, error)
+            # Request-controlled text in the message is already shortened: one short line.
+            logger.log(
+                logging.WARNING if code is grpc.StatusCode.INTERNAL else logging.INFO,
                 "%s from %s failed: %s: %s",
                 method,
                 context.peer(),
                 code.name,
-                error,
+                status.details,
                 extra={"method": method, "code": code.name, "peer": context.peer()},
             )
-            await context.abort(code, str(error))
+            await context.abort(status.code, status.details, status.trailing_metadata)
         except asyncio.CancelledError:
             raise
         except grpc.aio.AbortError:
@@ -263,6 +348,26 @@ class AnomalyScorerService(scorer_pb2_grpc.AnomalyScorerServicer):
                 grpc.StatusCode.INTERNAL,
                 f"internal server error (reference {reference}: the server log has the details)",
             )
+
+    def _public_message(
+        self, error: BlissError, method: str, context: grpc.aio.ServicerContext
+    ) -> str:
+        """The error's message; a neutral one for store errors, whose text names the
+        store's URL and hosts (the detail goes to the log)."""
+        if not isinstance(error, StoreError):
+            return str(error)
+        reference = secrets.token_hex(4)
+        logger.warning(
+            "%s from %s failed (reference %s): %s",
+            method,
+            context.peer(),
+            reference,
+            shorten(str(error), 2000),
+        )
+        return (
+            f"the statistics store is unavailable; retry later (reference {reference}: the "
+            "server log has the details)"
+        )
 
 
 def _cancellation_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:

@@ -8,12 +8,14 @@ Every field is a flag of the same name with dashes (``max_batch_items`` is
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_core import PydanticUndefined
+from pydantic_settings import SettingsConfigDict
 
 from bliss.errors import InvalidInputError
 from bliss.settings import StoreSettings, add_store_arguments
@@ -25,13 +27,37 @@ def _default_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (a name other than localhost
+    may resolve anywhere, so it counts as exposed)."""
+    name = host.strip().strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 class ServerSettings(StoreSettings):
     """Everything ``bliss serve`` can be told; see the README section "Serving"."""
 
-    host: str = Field("0.0.0.0", description="Address to listen on ('[::]' for IPv6 too).")
+    # inf and NaN are refused for every float setting: none of them means anything then.
+    model_config = SettingsConfigDict(**StoreSettings.model_config, allow_inf_nan=False)
+
+    # Loopback unless told otherwise: exposing the service is a decision (with TLS and a
+    # token), not a default.
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to listen on: 0.0.0.0 (or '[::]' for IPv6 too) for other "
+        "machines, with TLS and a token.",
+    )
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     poll_interval_s: float = Field(
-        10.0, gt=0, description="Seconds between store polls for newly activated versions."
+        10.0,
+        gt=0,
+        le=86_400,
+        description="Seconds between store polls for newly activated versions.",
     )
     max_batch_items: int = Field(
         4096, ge=1, description="Most items one request may carry (RESOURCE_EXHAUSTED above)."
@@ -40,7 +66,10 @@ class ServerSettings(StoreSettings):
         64, ge=1, description="Most images encoded together (micro-batches across requests)."
     )
     encode_max_delay_ms: float = Field(
-        5.0, ge=0, description="Longest wait for more images before a partial micro-batch runs."
+        5.0,
+        ge=0,
+        le=10_000,
+        description="Longest wait for more images before a partial micro-batch runs.",
     )
     max_message_mib: int = Field(
         64, ge=1, le=2047, description="Largest request or response message, MiB."
@@ -72,10 +101,23 @@ class ServerSettings(StoreSettings):
         ge=1,
         description="Threads decoding images (default: the CPU count, at most 8).",
     )
-    max_image_pixels: int = Field(
-        40_000_000, ge=1, description="Largest decoded image, pixels (decompression-bomb guard)."
+    max_k: int = Field(
+        1000,
+        ge=1,
+        description="Most dictionary entries (K) one request may ask for per item "
+        "(INVALID_ARGUMENT above); the dictionary size limits K too.",
     )
-    max_image_mib: float = Field(20.0, gt=0, description="Largest encoded image, MiB.")
+    max_image_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        description="Largest image, in pixels declared by its header (checked before decoding).",
+    )
+    max_request_pixels: int = Field(
+        400_000_000,
+        ge=1,
+        description="Most image pixels one request may carry, all its images together.",
+    )
+    max_image_mib: float = Field(20.0, gt=0, le=2047, description="Largest encoded image, MiB.")
     device: str | None = Field(
         None, description="Torch device for image encoding; default cuda when present, else cpu."
     )
@@ -103,8 +145,16 @@ class ServerSettings(StoreSettings):
     auth_token_file: Path | None = Field(
         None, description="File holding the bearer token (keeps it out of the process list)."
     )
+    reflection: bool = Field(
+        False,
+        description="Serve gRPC server reflection (grpc.reflection.v1 and v1alpha) for tools "
+        "such as grpcurl; it needs the token like any other call.",
+    )
     metrics: bool = Field(True, description="Serve Prometheus metrics over HTTP.")
-    metrics_host: str = Field("0.0.0.0", description="Address of the Prometheus endpoint.")
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address of the Prometheus endpoint (0.0.0.0 for scrapers on other machines).",
+    )
     metrics_port: int = Field(
         9464, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one."
     )
@@ -112,11 +162,15 @@ class ServerSettings(StoreSettings):
     shutdown_delay_s: float = Field(
         0.0,
         ge=0,
+        le=3600,
         description="On SIGTERM, how long to report NOT_SERVING while still serving, so load "
         "balancers stop sending calls before the port closes.",
     )
     grace_period_s: float = Field(
-        30.0, ge=0, description="On SIGTERM, how long in-flight calls may take to finish."
+        30.0,
+        ge=0,
+        le=3600,
+        description="On SIGTERM, how long in-flight calls may take to finish.",
     )
     max_concurrent_rpcs: int | None = Field(
         None, ge=1, description="Calls handled at once; more get RESOURCE_EXHAUSTED."
@@ -143,6 +197,25 @@ class ServerSettings(StoreSettings):
     @property
     def memory_budget_bytes(self) -> int:
         return self.memory_budget_mib * 2**20
+
+    def exposure_warning(self) -> str | None:
+        """One line on why this address is unsafe (other machines, no TLS or no token)."""
+        if is_loopback(self.host):
+            return None
+        has_token = self.auth_token is not None or self.auth_token_file is not None
+        missing = [
+            what
+            for what, present in (("TLS", self.tls_cert is not None), ("a token", has_token))
+            if not present
+        ]
+        if not missing:
+            return None
+        return (
+            f"listening on {self.host}, reachable from other machines, without "
+            f"{' and without '.join(missing)}: anyone who reaches the port can score and read "
+            "index details (and a token without TLS travels in clear text); set --tls-cert/"
+            "--tls-key and --auth-token-file (or BLISS_AUTH_TOKEN), or listen on 127.0.0.1"
+        )
 
     def bearer_token(self) -> str | None:
         """The configured token, read from auth_token_file when that is set."""

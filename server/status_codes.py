@@ -33,11 +33,21 @@ class EncodingFailedError(BlissError):
     """The image encoder failed on a micro-batch (not the caller's fault)."""
 
 
+class NonFiniteScoreError(BlissError):
+    """Scoring produced NaN or inf for valid input: the index is broken, not the request."""
+
+
+class IndexReadError(BlissError):
+    """Reading a loaded version failed while scoring (missing rows, corrupt files)."""
+
+
 _CODES: tuple[tuple[type[BlissError], grpc.StatusCode], ...] = (
     (BatchTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ImagesUnavailableError, grpc.StatusCode.FAILED_PRECONDITION),
     (IndexUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (EncodingFailedError, grpc.StatusCode.INTERNAL),
+    (NonFiniteScoreError, grpc.StatusCode.INTERNAL),
+    (IndexReadError, grpc.StatusCode.INTERNAL),
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (WeightsUnavailableError, grpc.StatusCode.FAILED_PRECONDITION),

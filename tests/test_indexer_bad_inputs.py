@@ -141,6 +141,14 @@ def test_bad_name_and_options(tmp_path):
         data_dir=data,
     )
     assert bad_template.code == 2 and "{label}" in bad_template.stderr
+    for lam in ("-0.5", "1e308", "inf", "nan"):
+        bad_lambda = run_cli(
+            "index", "build", "--name", "ok", "--from-embeddings", folder,
+            "--default-lambda", lam, data_dir=data,
+        )  # fmt: skip
+        assert bad_lambda.code == 2, lam
+        assert "--default-lambda must be a finite number between 0 and 1e+06" in bad_lambda.stderr
+    assert not (data / "bliss.sqlite3").exists()  # refused before the store is opened
 
 
 def test_calibration_that_holds_out_nothing_is_refused_before_any_write(tmp_path):

@@ -7,7 +7,7 @@ import json
 import grpc
 import numpy as np
 import pytest
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from sqlalchemy import text
 
 from bliss.client import Batch, BlissClient, ScoringServiceError
@@ -104,7 +104,8 @@ def test_info_health_and_reflection(world, tmp_path):
     build_from_embeddings(world, tmp_path / "b1", data, name="demo")
     wide = synthetic_world(classes=3, entries=120, per_class=10, tests=4, dim=48, seed=5)
     build_from_embeddings(wide, tmp_path / "b2", data, name="wide")
-    with BackgroundServer(server_settings(data)) as server, BlissClient(server.address) as client:
+    settings = server_settings(data, reflection=True)
+    with BackgroundServer(settings) as server, BlissClient(server.address) as client:
         indexes = client.list_indexes()
         assert [(i.label, i.embedding_dim, i.dictionary_size) for i in indexes] == [
             ("demo@1", 32, 300),
@@ -132,15 +133,27 @@ def test_info_health_and_reflection(world, tmp_path):
             client.health("no-such-index")
         assert caught.value.code == grpc.StatusCode.NOT_FOUND
 
+        # Reflection (asked for above) answers both protocol versions, and describes itself.
         channel = grpc.insecure_channel(server.address)
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        request = reflection_pb2.ServerReflectionRequest(list_services="")
-        (answer,) = stub.ServerReflectionInfo(iter([request]))
-        services = {s.name for s in answer.list_services_response.service}
-        assert {"bliss.v1.AnomalyScorer", "grpc.health.v1.Health"} <= services
-        symbol = reflection_pb2.ServerReflectionRequest(file_containing_symbol="bliss.v1.Item")
-        (answer,) = stub.ServerReflectionInfo(iter([symbol]))
-        assert answer.file_descriptor_response.file_descriptor_proto
+        for version in ("v1alpha", "v1"):
+            reflect = channel.stream_stream(
+                f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            (answer,) = reflect(iter([request]))
+            services = {s.name for s in answer.list_services_response.service}
+            assert services == {
+                "bliss.v1.AnomalyScorer",
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            }
+            for symbol in ("bliss.v1.Item", f"grpc.reflection.{version}.ServerReflection"):
+                ask = reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+                (answer,) = reflect(iter([ask]))
+                assert answer.file_descriptor_response.file_descriptor_proto, (version, symbol)
         channel.close()
 
 

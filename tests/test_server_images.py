@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import threading
 import time
+import zlib
 
 import grpc
 import numpy as np
@@ -15,6 +17,7 @@ from PIL import Image
 
 from bliss.client import BlissClient, ScoringServiceError
 from bliss.encoders import TINY_TEST_MODEL, ClipEncoder, ModelSpec
+from bliss.server.image_decoding import ImageLimits, decode_image
 from bliss.server.runtime import BackgroundServer
 from bliss.synthetic_images import write_shape_folders
 from tests.cli_runner import run_cli
@@ -23,6 +26,7 @@ from tests.serving_fixtures import embedding_items_match, local_lines, server_se
 SHAPES = ["circle", "square", "triangle"]
 WORDS = ["cat", "dog", "circle", "box", "star", "tree", "wheel", "sign", "roof", "kite", "moon"]
 MAX_PIXELS = 200_000
+MAX_REQUEST_PIXELS = 300_000
 MAX_IMAGE_MIB = 0.1
 
 
@@ -52,16 +56,31 @@ def server(shapes):
         encode_batch_size=16,
         encode_max_delay_ms=150,
         max_image_pixels=MAX_PIXELS,
+        max_request_pixels=MAX_REQUEST_PIXELS,
         max_image_mib=MAX_IMAGE_MIB,
     )
     with BackgroundServer(settings) as running:
         yield running
 
 
-def png_bytes(image: Image.Image, format: str = "PNG") -> bytes:
+def png_bytes(image: Image.Image, format: str = "PNG", **options) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format=format)
+    image.save(buffer, format=format, **options)
     return buffer.getvalue()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG file whose header claims width x height pixels (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    pixels = zlib.compress(b"\0" * 1024)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
 
 
 def test_images_scored_by_the_server_equal_local_scores(shapes, server):
@@ -139,6 +158,75 @@ def test_bad_images_get_invalid_argument_naming_the_item(shapes, server):
         # A GIF is fine, and the server still serves after all that.
         gif = png_bytes(Image.open(images[0]).convert("RGB"), "GIF")
         assert len(client.score(images=[gif, good])) == 2
+
+
+def test_pixel_budgets_are_checked_from_headers_before_decoding(shapes, server):
+    _, images = shapes
+    good = images[0].read_bytes()
+    with BlissClient(server.address, max_retries=0) as client:
+        for width, height, declared in (
+            (100_000, 100_000, "over 178,956,970"),  # past PIL's own hard limit
+            (500, 500, "500x500 = 250,000"),
+        ):
+            started = time.monotonic()
+            with pytest.raises(ScoringServiceError) as caught:
+                client.score(images=[good, png_declaring(width, height)], ids=["ok", "bomb"])
+            assert time.monotonic() - started < 1.0  # nothing was decoded
+            assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert caught.value.details == (
+                f"item 1 (id 'bomb'): the image declares {declared} pixels, over the server's "
+                f"limit of {MAX_PIXELS:,} (--max-image-pixels): resize it before sending"
+            )
+            assert [v.field for v in caught.value.violations] == ["items[1].image"]
+
+        # Each image is within the per-image limit; together they are over the request's.
+        medium = png_bytes(Image.new("RGB", (300, 400), "white"))
+        with pytest.raises(ScoringServiceError) as caught:
+            client.score(images=[medium, medium, medium], ids=["a", "b", "c"])
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details.startswith(
+            "item 2 (id 'c'): the request's images declare 360,000 pixels up to this one, over "
+            f"the server's limit of {MAX_REQUEST_PIXELS:,} per request (--max-request-pixels)"
+        )
+        assert len(client.score(images=[medium, medium])) == 2
+
+
+def test_exif_orientation_is_applied():
+    rng = np.random.default_rng(3)
+    upright = Image.fromarray(rng.integers(0, 255, (20, 40, 3), np.uint8))  # 40 wide
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": a sideways phone camera
+    sideways = png_bytes(upright.transpose(Image.Transpose.ROTATE_90), exif=exif.tobytes())
+    limits = ImageLimits(2**20, MAX_PIXELS, MAX_REQUEST_PIXELS)
+    decoded = decode_image(sideways, limits)
+    assert decoded.size == (40, 20)
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(upright))
+
+
+def test_decoding_does_not_block_the_event_loop(shapes, server, monkeypatch):
+    _, images = shapes
+    from bliss.server import scoring_service
+
+    original = scoring_service.preprocessed_image
+
+    def slow(*args, **kwargs):
+        time.sleep(1.5)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(scoring_service, "preprocessed_image", slow)
+    registry = server.server.metrics.registry
+    with BlissClient(server.address) as client:
+        caller = threading.Thread(target=client.score, kwargs={"images": [images[0]]})
+        caller.start()
+        deadline = time.monotonic() + 10
+        while registry.get_sample_value("bliss_inflight_requests") < 1:
+            assert time.monotonic() < deadline, "the call never reached the server"
+            time.sleep(0.01)
+        started = time.monotonic()
+        assert client.health() == "SERVING"
+        assert client.index_info().label == "shapes@1"
+        assert time.monotonic() - started < 0.5  # answered while the image decodes
+        caller.join(timeout=20)
 
 
 def test_graceful_shutdown_drains_an_in_flight_call(shapes):

@@ -108,3 +108,35 @@ def test_mutual_tls(world, setup):
             assert len(client.score(embeddings=world.test)) == 3
         with BlissClient(address, tls=TlsConfig(ca_cert=tls.ca), max_retries=0) as client:
             assert refused(client, world).code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_token_is_checked_before_the_request_is_parsed(world, setup, monkeypatch):
+    from bliss.server import scoring_service
+
+    parsed = []
+    original = scoring_service.parse_message
+
+    def spied(raw, message_type):
+        parsed.append(raw)
+        return original(raw, message_type)
+
+    monkeypatch.setattr(scoring_service, "parse_message", spied)
+    data, _ = setup
+    with BackgroundServer(server_settings(data, auth_token=TOKEN)) as server:
+        channel = grpc.insecure_channel(server.address)
+        score = channel.unary_unary("/bliss.v1.AnomalyScorer/Score")
+        garbage = b"\xff\xfe not a protobuf message"
+        for metadata in ((), (("authorization", "Bearer wrong"),)):
+            with pytest.raises(grpc.RpcError) as caught:
+                score(garbage, metadata=metadata, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert parsed == []  # refused on the metadata alone: the body was never parsed
+        with pytest.raises(grpc.RpcError) as caught:
+            score(garbage, metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert parsed == [garbage]
+        channel.close()
+        errors = server.server.metrics.registry.get_sample_value(
+            "bliss_errors_total", {"method": "Score", "code": "UNAUTHENTICATED"}
+        )
+        assert errors == 2
