@@ -329,3 +329,24 @@ def running(pid):
         return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_local_build_killed_and_resumed_on_ray_equals_an_uninterrupted_ray_build(
+    tmp_path, monkeypatch
+):
+    """Chunks encoded by another backend are encoded again: nothing of the two is mixed."""
+    from tests.test_indexer_resume import Killed, KillSwitch, assert_identical, build, result_of
+
+    write_shape_folders(tmp_path / "normal", ["circle", "square"], 6, seed=5)
+    words = tmp_path / "words.txt"
+    words.write_text("".join(f"word{i} thing\n" for i in range(120)))
+    inputs = (tmp_path / "normal", words)
+    KillSwitch(monkeypatch, at=6)  # texts, then 4 of the dictionary's 5 chunks
+    with pytest.raises(Killed):
+        build(inputs, tmp_path / "killed", chunk=25, batch=16)
+    monkeypatch.undo()
+    on_ray = ("--backend", "ray", "--ray-encoders", "1")
+    resumed = build(inputs, tmp_path / "killed", chunk=25, batch=16, extra=on_ray)
+    assert resumed.code == 0, resumed.stderr
+    assert build(inputs, tmp_path / "clean", chunk=25, batch=16, extra=on_ray).code == 0
+    assert_identical(result_of(tmp_path / "killed"), result_of(tmp_path / "clean"))
