@@ -24,7 +24,7 @@ import numpy as np
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from bliss.indexer.pipeline import STATISTICS_BLOCK_ROWS
+from bliss.indexer.build_run import STATISTICS_BLOCK_ROWS
 from bliss.store import ClassRecord, Store
 from bliss.store.database import normalize_url
 

@@ -3,10 +3,19 @@
 Every source yields its entries in a stable order, whitespace-normalised (stripped, inner runs
 collapsed to one space), without empty entries or exact duplicates (the first one is kept),
 and streams them, so a dictionary may be larger than memory.
+
+Text files (a ``file:`` dictionary here, ``dictionary.txt`` and ``classes.txt`` of an
+embeddings bundle) are read the same way by :func:`read_text_lines`: UTF-8, one entry
+per line, lines end at ``\n`` only (``\r\n`` too), a byte-order mark is dropped at the
+start of the file. A line holding a control character, a byte-order mark or a line break
+that some tools count and others do not (a lone ``\r``, ``\v``, ``\f``, U+001C-U+001E,
+U+0085, U+2028, U+2029) is refused with its line number, so that every reader counts the
+same lines: a ``dictionary.txt`` has exactly one line per ``dictionary.npy`` row.
 """
 
 from __future__ import annotations
 
+import codecs
 import functools
 import hashlib
 import re
@@ -14,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import IO, Protocol
+from typing import BinaryIO, Protocol
 
 from bliss.errors import InvalidInputError, NotFoundError
 
@@ -23,6 +32,18 @@ WORDNET_INSTALL_HINT = "apt-get install -y wordnet-base"
 
 _IMAGENET_RESOURCE = "data/imagenet_classes.tsv"
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# Every C0 control but the tab, DEL, C1 (U+0085 NEXT LINE among them), U+2028, U+2029, BOM.
+_FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ufeff]")
+_CHARACTER_NAMES = {
+    "\x00": "a NUL character",
+    "\r": "a carriage return that does not end the line",
+    "\x0b": "a vertical tab (a line break to some tools)",
+    "\x0c": "a form feed (a line break to some tools)",
+    "\x85": "U+0085 NEXT LINE (a line break to some tools)",
+    "\u2028": "U+2028 LINE SEPARATOR (a line break to some tools)",
+    "\u2029": "U+2029 PARAGRAPH SEPARATOR (a line break to some tools)",
+    "\ufeff": "a byte-order mark (U+FEFF) inside the file",
+}
 
 
 class Dictionary(Protocol):
@@ -40,6 +61,34 @@ class Dictionary(Protocol):
     def fingerprint(self) -> str:
         """sha256 hex over the entries: equal entries in equal order, equal fingerprint."""
         ...
+
+
+def read_text_lines(stream: Iterable[bytes], name: str) -> Iterator[tuple[int, str]]:
+    """(line number from 1, line) of a UTF-8 text file opened in binary mode.
+
+    InvalidInputError naming ``name`` and the line when a line is not UTF-8 or holds a
+    character no entry may contain (see the module docstring).
+    """
+    for number, raw in enumerate(stream, start=1):
+        if number == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8) :]
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise InvalidInputError(
+                f"{name} is not UTF-8 text (line {number}, byte {error.start + 1}: "
+                f"{error.reason}): convert it, e.g. with `iconv -f latin1 -t utf-8`"
+            ) from None
+        line = line.removesuffix("\n").removesuffix("\r")
+        found = _FORBIDDEN.search(line)
+        if found is not None:
+            character = found.group()
+            what = _CHARACTER_NAMES.get(character, f"the control character U+{ord(character):04X}")
+            raise InvalidInputError(
+                f"{name} line {number} contains {what} at column {found.start() + 1}: remove "
+                "it (one entry per line, lines end at \\n)"
+            )
+        yield number, line
 
 
 def normalise_entry(text: str) -> str:
@@ -66,6 +115,11 @@ class _StreamedDictionary:
                 yield entry
 
     def fingerprint(self) -> str:
+        return self._fingerprint
+
+    @functools.cached_property
+    def _fingerprint(self) -> str:
+        # Once per dictionary: a pass over a huge file is not free, and a build asks twice.
         digest = hashlib.sha256()
         for entry in self.entries():
             # Entries never contain a newline after normalisation, so this framing is unambiguous.
@@ -112,6 +166,8 @@ def text_file_dictionary(path: str | Path) -> Dictionary:
 
     ``path`` is a local path or any fsspec URL (``s3://bucket/words.txt``, ``memory://...``;
     needs ``pip install 'bliss-anomaly[inputs]'`` and the protocol's backend, e.g. s3fs).
+    The whole file is read once here, so that a bad line stops a build before any other
+    work (:func:`read_text_lines` says which); empty lines are skipped.
     """
     if isinstance(path, str) and _URL.match(path):
         name, opener = path, _url_opener(path)
@@ -119,27 +175,19 @@ def text_file_dictionary(path: str | Path) -> Dictionary:
         file = Path(path).expanduser().resolve()
         if not file.is_file():
             raise NotFoundError(f"dictionary file not found: {file}")
-        name, opener = str(file), functools.partial(file.open, "r", encoding="utf-8-sig")
+        name, opener = str(file), functools.partial(file.open, "rb")
 
     def read() -> Iterator[str]:
-        lines_read = 0
-        # utf-8-sig drops a byte-order mark, which would otherwise glue onto the first entry.
-        with opener() as lines:
-            try:
-                for line in lines:
-                    yield line
-                    lines_read += 1
-            except UnicodeDecodeError as error:
-                raise InvalidInputError(
-                    f"dictionary file {name} is not UTF-8 text (an invalid byte somewhere "
-                    f"after line {lines_read}: {error.reason}): convert it, e.g. with "
-                    "`iconv -f latin1 -t utf-8`"
-                ) from error
+        with opener() as stream:
+            for _, line in read_text_lines(stream, f"dictionary file {name}"):
+                yield line
 
-    return _StreamedDictionary(f"file:{name}", read)
+    dictionary = _StreamedDictionary(f"file:{name}", read)
+    dictionary.fingerprint()  # the check, and the fingerprint the build asks for next
+    return dictionary
 
 
-def _url_opener(url: str) -> Callable[[], IO[str]]:
+def _url_opener(url: str) -> Callable[[], BinaryIO]:
     """Opens the file at ``url`` as streamed text, after checking that it exists."""
     try:
         import fsspec
@@ -154,7 +202,7 @@ def _url_opener(url: str) -> Callable[[], IO[str]]:
         raise InvalidInputError(f"cannot read dictionary {url}: {error}") from None
     if not found:
         raise NotFoundError(f"dictionary file not found: {url}")
-    return functools.partial(fs.open, path, "rt", encoding="utf-8-sig")
+    return functools.partial(fs.open, path, "rb")
 
 
 def wordnet_nouns_dictionary(root: str | Path = WORDNET_ROOT) -> Dictionary:

@@ -11,7 +11,10 @@ harness and the benchmarks all exchange.
     normal_labels.npy   int [n]         index into classes.txt
 
 Every embedding is L2-normalised on load (a no-op for encoder output). Loading checks
-everything and reports the first problem as one line naming the file.
+everything and reports the first problem as one line naming the file and the line or row.
+The text files are read as ``bliss.dictionaries.read_text_lines`` reads them (lines end
+at ``\n`` only), so that ``dictionary.txt`` counts its lines as ``dictionary.npy``'s
+writer did.
 
 An *extension* (``bliss index extend --from-embeddings``) is a folder with either or both
 halves: ``dictionary.txt`` + ``dictionary.npy`` (entries to add) and ``classes.txt`` +
@@ -27,11 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
+from bliss.dictionaries import read_text_lines
 from bliss.errors import InvalidInputError, NotFoundError
 from bliss.npy_files import DEFAULT_CHUNK_BYTES, iter_row_chunks, npy_layout
 
 logger = logging.getLogger(__name__)
 
+_NPY_MAGIC = b"\x93NUMPY"
 FILES = (
     "dictionary.txt",
     "dictionary.npy",
@@ -179,11 +184,31 @@ def write_bundle(
 
 
 def load_numeric_array(path: Path, *, mmap: bool = False) -> np.ndarray:
-    """An .npy file, refusing pickled object arrays with a message naming the file."""
+    """An .npy file; an empty, truncated, non-.npy or pickled one is one line naming it."""
+    with open(path, "rb") as stream:
+        magic = stream.read(len(_NPY_MAGIC))
+    if not magic:
+        raise InvalidInputError(f"{path} is empty (0 bytes): write it with numpy.save")
+    if magic != _NPY_MAGIC:
+        raise InvalidInputError(
+            f"{path} is not a .npy file (no NumPy header): write it with numpy.save"
+        )
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except EOFError:
+        raise InvalidInputError(
+            f"{path} is truncated (its header is cut off): write it again"
+        ) from None
     except ValueError as error:
-        raise InvalidInputError(f"{path} is not a numeric .npy array: {error}") from None
+        if "pickled" in str(error) or "Object arrays" in str(error):
+            reason = "it holds Python objects (a pickled or object array), not numbers"
+        elif "mmap length" in str(error) or "not fully written" in str(error):
+            reason = "it is shorter than its header says (truncated)"
+        else:
+            reason = str(error)
+        raise InvalidInputError(
+            f"{path} is not a usable numeric .npy array: {reason}; write it again with numpy.save"
+        ) from None
 
 
 def load_embeddings_file(path: Path) -> np.ndarray:
@@ -197,15 +222,15 @@ def load_embeddings_file(path: Path) -> np.ndarray:
 
 
 def _read_lines(path: Path) -> list[str]:
-    try:
-        lines = path.read_text("utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        raise InvalidInputError(f"{path} is not UTF-8 text: {error}") from None
+    with open(path, "rb") as stream:
+        lines = [line for _, line in read_text_lines(stream, str(path))]
     blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
     if blank:
-        raise InvalidInputError(f"{path} line {blank[0]} is empty: every line must be one entry")
+        raise InvalidInputError(
+            f"{path} line {blank[0]} is empty (or only spaces): every line must be one entry"
+        )
     if not lines:
-        raise InvalidInputError(f"{path} is empty")
+        raise InvalidInputError(f"{path} is empty: it needs one entry per line")
     return [line.strip() for line in lines]
 
 

@@ -87,9 +87,10 @@ def _build(settings: StoreSettings, normal_folder: Path) -> str:
     from bliss.dictionaries import imagenet_dictionary
     from bliss.encoders import DEFAULT_PROMPT_TEMPLATE, TINY_TEST_MODEL, ModelSpec
     from bliss.indexer.build_inputs import ImageFolderInputs
+    from bliss.indexer.build_options import BuildOptions, ModelIdentity
     from bliss.indexer.executors import EncoderSettings, LocalExecutor
     from bliss.indexer.image_sources import scan_image_folder
-    from bliss.indexer.pipeline import BuildOptions, ModelIdentity, build_version
+    from bliss.indexer.pipeline import build_version
     from bliss.store import Store
 
     spec = ModelSpec(model_name=TINY_TEST_MODEL)

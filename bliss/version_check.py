@@ -47,6 +47,8 @@ def verify_version(
     ``hash_files=False`` skips re-hashing files whose sha256 was computed as they were
     written (the build); the manifest, sizes and the store comparison are still checked.
     """
+    if version.dictionary_store == "milvus":
+        return _verify_milvus(version, sample)
     faiss_file = data_dir / version.faiss_path
     if version.artifacts_checksum is None:
         return _verify_faiss_only(version, faiss_file)
@@ -75,6 +77,30 @@ def verify_version(
         bytes=sum(int(entry["bytes"]) for entry in manifest.files.values()),
         sampled_entries=len(ids),
     )
+
+
+def _verify_milvus(version: VersionRecord, sample: int) -> VerifiedVersion:
+    """The collection exists, holds every entry, and sampled entries have a text and a
+    unit-norm vector (Milvus keeps no checksum to compare)."""
+    from bliss.milvus_dictionary import MilvusDictionary, MilvusDictionaryOptions
+
+    options = MilvusDictionaryOptions.from_json(version.dictionary_options or "{}")
+    collection = MilvusDictionary(options, version.embedding_dim, version.dictionary_size)
+    rows = collection.row_count()
+    if rows != version.dictionary_size:
+        raise InvalidInputError(
+            f"Milvus collection {options.collection} holds {rows} entries, {version.label} "
+            f"has {version.dictionary_size}: rebuild the version"
+        )
+    ids = _sample_ids(version.dictionary_size, sample)
+    norms = np.linalg.norm(collection.vectors_at(ids).astype(np.float64), axis=1)
+    texts = collection.texts(ids)
+    if not np.allclose(norms, 1.0, atol=1e-4) or not all(texts):
+        raise InvalidInputError(
+            f"Milvus collection {options.collection} has entries without a text or a unit "
+            f"vector: rebuild {version.label}"
+        )
+    return VerifiedVersion(version.label, files=0, bytes=0, sampled_entries=len(ids))
 
 
 def _verify_faiss_only(version: VersionRecord, faiss_file: Path) -> VerifiedVersion:

@@ -11,6 +11,7 @@ texts from the store: into memory under the memory budget, else per batch.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from bliss.dictionary_index import DictionaryIndex, IndexKind
 from bliss.errors import InvalidInputError
 from bliss.gpu_index import GpuOptions
 from bliss.scorer import (
+    DictionarySearch,
     EntryStatisticsSource,
     EntryTextSource,
     InMemoryEntryStatistics,
@@ -37,7 +39,7 @@ from bliss.serving_artifacts import (
     read_manifest,
     verify_artifacts,
 )
-from bliss.store import StatisticsMode, Store, VersionRecord
+from bliss.store import ClassRecord, StatisticsMode, Store, VersionRecord
 
 if TYPE_CHECKING:
     from bliss.encoders import ClipEncoder
@@ -94,6 +96,8 @@ def load_scorer(
     verify: bool = False,
 ) -> Scorer:
     """Load a fully written ``version`` (FAISS file, classes, artifacts or store rows)."""
+    if version.dictionary_store == "milvus":
+        return _milvus_scorer(store, version)
     faiss_file = data_dir / version.faiss_path
     artifacts = None
     if version.artifacts_checksum is not None:
@@ -110,25 +114,43 @@ def load_scorer(
     if use_gpu:
         index = index.to_gpus(gpu_options)
     records = store.load_classes(version.id)
-    classes = NormalClasses(
-        names=tuple(r.name for r in records),
-        label_embeddings=np.stack([r.label_embedding for r in records]).astype(np.float32),
-        label_mean=np.array([r.label_mean for r in records], dtype=np.float64),
-        label_std=np.array([r.label_std for r in records], dtype=np.float64),
-    )
+    classes = _normal_classes(records)
     if artifacts is None:
         statistics, texts = _store_sources(store, version, len(records), memory_budget_bytes)
     else:
         texts = MappedEntryTexts(artifacts)
         statistics = (
-            MomentsEntryStatistics(
-                np.stack([r.moment_mean for r in records]),
-                np.stack([r.moment_covariance for r in records]),
-                index.vectors_at,
-            )
+            _moments_statistics(records, index.vectors_at)
             if version.statistics_mode is StatisticsMode.MOMENTS
             else MappedEntryStatistics(artifacts)
         )
+    return _scorer(store, version, index, classes, statistics, texts)
+
+
+def _milvus_scorer(store: Store, version: VersionRecord) -> Scorer:
+    """A version whose dictionary is a Milvus collection: texts and vectors come with the
+    hits; moments mode needs nothing else, table mode gathers from the store per batch."""
+    from bliss.milvus_dictionary import MilvusDictionary, MilvusDictionaryOptions
+
+    options = MilvusDictionaryOptions.from_json(version.dictionary_options or "{}")
+    index = MilvusDictionary(options, version.embedding_dim, version.dictionary_size)
+    records = store.load_classes(version.id)
+    statistics: EntryStatisticsSource = (
+        _moments_statistics(records, index.vectors_at)
+        if version.statistics_mode is StatisticsMode.MOMENTS
+        else StoreEntryStatistics(store, version.id, len(records))
+    )
+    return _scorer(store, version, index, _normal_classes(records), statistics, index)
+
+
+def _scorer(
+    store: Store,
+    version: VersionRecord,
+    index: DictionarySearch,
+    classes: NormalClasses,
+    statistics: EntryStatisticsSource,
+    texts: EntryTextSource,
+) -> Scorer:
     return Scorer(
         index=index,
         classes=classes,
@@ -137,6 +159,25 @@ def load_scorer(
         defaults=ScoringDefaults(k=version.default_k, lam=version.default_lambda, eps=version.eps),
         label=version.label,
         calibration=store.load_calibration(version.id),
+    )
+
+
+def _normal_classes(records: list[ClassRecord]) -> NormalClasses:
+    return NormalClasses(
+        names=tuple(r.name for r in records),
+        label_embeddings=np.stack([r.label_embedding for r in records]).astype(np.float32),
+        label_mean=np.array([r.label_mean for r in records], dtype=np.float64),
+        label_std=np.array([r.label_std for r in records], dtype=np.float64),
+    )
+
+
+def _moments_statistics(
+    records: list[ClassRecord], vectors_at: Callable[[np.ndarray], np.ndarray]
+) -> MomentsEntryStatistics:
+    return MomentsEntryStatistics(
+        np.stack([r.moment_mean for r in records]),
+        np.stack([r.moment_covariance for r in records]),
+        vectors_at,
     )
 
 

@@ -5,6 +5,10 @@ from bliss.client import BlissClient
 with BlissClient("127.0.0.1:50051") as client:
     for item in client.score(images=["cam7/0012.jpg"]):
         print(item.id, item.score, item.nearest_class)
+
+``pip install bliss-anomaly`` (no extra) installs this client alone: numpy, grpcio and
+protobuf with grpc's health and status helpers. So nothing here may import torch,
+open_clip, faiss, SQLAlchemy or pydantic, even indirectly (tests/test_packaging.py).
 """
 
 from __future__ import annotations

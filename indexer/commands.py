@@ -9,26 +9,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bliss.class_statistics import StatisticsPath
-from bliss.dictionary_index import IndexKind, IndexOptions
+from bliss.dictionary_index import IndexKind
 from bliss.errors import InvalidInputError
-from bliss.indexer import version_commands
+from bliss.indexer import build_arguments, version_commands
+from bliss.indexer.build_arguments import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from bliss.indexer.build_inputs import DEFAULT_CHUNK_SIZE
 from bliss.indexer.image_checks import DEFAULT_MAX_IMAGE_PIXELS
-from bliss.scoring import DEFAULT_K, DEFAULT_LAMBDA, MAX_LAMBDA
+from bliss.scoring import DEFAULT_K, DEFAULT_LAMBDA
 from bliss.settings import StoreSettings, add_store_arguments, settings_from_args
 
 if TYPE_CHECKING:
-    from bliss.encoders import ModelSpec
-    from bliss.indexer.build_inputs import BuildInputs
+    from bliss.indexer.build_options import BuildOutcome
     from bliss.indexer.executors import Executor
-    from bliss.indexer.image_sources import ImageClass
-    from bliss.indexer.pipeline import BuildOptions, BuildOutcome
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "ViT-B-16"
-DEFAULT_PRETRAINED = "openai"
-NAME_HELP = "index name: letters, digits, '.', '_' or '-' (a version number is added per build)"
+NAME_LIMIT = 100
+NAME_HELP = (
+    f"index name: 1 to {NAME_LIMIT} letters, digits, '.', '_' or '-', starting with a letter "
+    "or digit (a version number is added per build)"
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -140,13 +140,14 @@ def _register_build(actions: argparse._SubParsersAction) -> None:
         help="tune nprobe/efSearch (and nlist when not given) so that recall@K against exact "
         "search on the normal images reaches R (ivf, hnsw, ivfpq)",
     )
+    _register_dictionary_store(build)
     scoring = build.add_argument_group("statistics and scoring defaults")
     scoring.add_argument(
         "--statistics-mode",
         choices=["table", "moments"],
-        default="table",
-        help="table: eq. 8 per (class, entry), O(N t) store; moments: per-class mean and "
-        "covariance, O(N D^2), computed for the K hits per request",
+        help="table (default with FAISS): eq. 8 per (class, entry), O(N t) store; moments "
+        "(default with Milvus): per-class mean and covariance, O(N D^2), computed for the K "
+        "hits per request",
     )
     scoring.add_argument(
         "--statistics-path",
@@ -195,8 +196,23 @@ def _register_build(actions: argparse._SubParsersAction) -> None:
     )
     build.add_argument("--activate", action="store_true", help="make the version active when ready")
     build.add_argument("--keep-workspace", action="store_true", help="keep intermediate files")
+    _add_lifecycle_arguments(build)
     add_store_arguments(build)
     build.set_defaults(handler=run_build)
+
+
+def _add_lifecycle_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="when the same build is already running elsewhere, wait for it (default: stop)",
+    )
+    parser.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="build a new version even when a finished one with intact files has these "
+        "inputs (a rerun replaces one whose files are damaged by itself)",
+    )
 
 
 def _register_extend(actions: argparse._SubParsersAction) -> None:
@@ -206,7 +222,7 @@ def _register_extend(actions: argparse._SubParsersAction) -> None:
         description="Add dictionary entries and/or normal images to a version, doing only the "
         "new work; the result equals a build of the union. Re-running resumes or does nothing.",
     )
-    extend.add_argument("name")
+    extend.add_argument("name", help="NAME or NAME@VERSION (default: the active version)")
     extend.add_argument("--version", type=int, help="version to extend (default: the active one)")
     extend.add_argument(
         "--from-embeddings",
@@ -220,17 +236,20 @@ def _register_extend(actions: argparse._SubParsersAction) -> None:
         "--activate", action="store_true", help="make the version active when ready"
     )
     extend.add_argument("--keep-workspace", action="store_true", help="keep intermediate files")
+    _add_lifecycle_arguments(extend)
     add_store_arguments(extend)
     extend.set_defaults(handler=run_extend)
 
 
 def run_extend(args: argparse.Namespace) -> int:
     from bliss.embedding_bundle import load_extension
+    from bliss.indexer.build_checks import disk_full_as_error
     from bliss.indexer.extend import extend_version
 
     settings = settings_from_args(StoreSettings, args)
-    with version_commands.open_store(settings) as store:
-        base = store.get_version(args.name, args.version)
+    name, number = version_commands.version_ref(args.name, args.version)
+    with version_commands.open_store(settings) as store, disk_full_as_error(settings.data_dir):
+        base = store.get_version(name, number)
         classes = [record.name for record in store.load_classes(base.id)]
         extension = load_extension(args.from_embeddings, base.embedding_dim, classes)
         outcome = extend_version(
@@ -240,19 +259,23 @@ def run_extend(args: argparse.Namespace) -> int:
             extension,
             activate=args.activate,
             keep_workspace=args.keep_workspace,
+            wait=args.wait,
+            rebuild=args.rebuild,
         )
     _report(outcome, f"from {base.label}")
     return 0
 
 
 def run_build(args: argparse.Namespace) -> int:
+    from bliss.indexer.build_checks import disk_full_as_error
     from bliss.indexer.pipeline import build_version
 
     settings = settings_from_args(StoreSettings, args)
     _check_name(args.name)
+    _check_numbers(args)
     executor = _executor(args)
-    inputs, options = _inputs_and_options(args, executor)
-    with version_commands.open_store(settings) as store:
+    inputs, options = build_arguments.inputs_and_options(args, executor)
+    with version_commands.open_store(settings) as store, disk_full_as_error(settings.data_dir):
         outcome = build_version(
             store,
             settings.data_dir,
@@ -261,8 +284,10 @@ def run_build(args: argparse.Namespace) -> int:
             activate=args.activate,
             keep_workspace=args.keep_workspace,
             executor=executor,
+            wait=args.wait,
+            rebuild=args.rebuild,
         )
-    _report(outcome, skipped_images=_skipped_images(inputs))
+    _report(outcome, skipped_images=build_arguments.skipped_images(inputs))
     return 0
 
 
@@ -280,7 +305,7 @@ def _report(outcome: BuildOutcome, origin: str = "", skipped_images: int = 0) ->
     for stage, seconds in outcome.stage_seconds.items():
         print(f"  {stage:<34} {seconds:8.2f} s")
     if version.state.value != "active":
-        print(f"activate it with: bliss index activate {version.name} --version {version.version}")
+        print(f"activate it with: bliss index activate {version.label}")
 
 
 def _executor(args: argparse.Namespace) -> Executor:
@@ -296,147 +321,61 @@ def _executor(args: argparse.Namespace) -> Executor:
     )
 
 
-def _inputs_and_options(
-    args: argparse.Namespace, executor: Executor
-) -> tuple[BuildInputs, BuildOptions]:
-    from bliss.encoders import DEFAULT_PROMPT_TEMPLATE, format_prompt
-    from bliss.indexer.pipeline import BuildOptions
-    from bliss.store import StatisticsMode
-
-    template = args.prompt_template or DEFAULT_PROMPT_TEMPLATE
-    format_prompt(template, "check")
-    index = IndexOptions(
-        kind=IndexKind(args.index_kind),
-        nlist=args.nlist,
-        nprobe=args.nprobe,
-        hnsw_m=args.hnsw_m,
-        ef_search=args.ef_search,
-        pq_m=args.pq_m,
+def _register_dictionary_store(build: argparse.ArgumentParser) -> None:
+    store = build.add_argument_group("dictionary store (see README, Beyond one machine)")
+    store.add_argument(
+        "--dictionary-store",
+        default="faiss",
+        metavar="STORE",
+        help="faiss (a FAISS file in the data dir) or milvus:URI (a collection per version in "
+        "a milvus-lite file or a Milvus server, e.g. milvus:http://milvus:19530; credentials "
+        "from BLISS_MILVUS_TOKEN, TLS CA from BLISS_MILVUS_CA_CERT)",
     )
-    if args.default_k < 1:
-        raise InvalidInputError(f"--default-k must be at least 1, got {args.default_k}")
-    if not (math.isfinite(args.default_lambda) and 0 <= args.default_lambda <= MAX_LAMBDA):
-        raise InvalidInputError(
-            f"--default-lambda must be a finite number between 0 and {MAX_LAMBDA:g}, "
-            f"got {args.default_lambda}"
-        )
-    inputs, model, dictionary_source = (
-        _embedding_inputs(args) if args.from_embeddings else _image_inputs(args, template, executor)
+    store.add_argument(
+        "--milvus-index-type", default="FLAT", help="FLAT (exact), IVF_FLAT, HNSW, GPU_CAGRA, ..."
     )
-    options = BuildOptions(
-        name=args.name,
-        model=model,
-        dictionary_source=dictionary_source,
-        prompt_template=template,
-        index=index,
-        statistics_path=StatisticsPath(args.statistics_path),
-        statistics_mode=StatisticsMode(args.statistics_mode),
-        target_recall=args.target_recall,
-        default_k=args.default_k,
-        default_lambda=args.default_lambda,
-        calibration_fraction=args.calibration_fraction,
-        encode_precision="fp32" if args.from_embeddings else args.precision,
+    store.add_argument(
+        "--milvus-index-params", default="{}", metavar="JSON", help="e.g. '{\"nlist\": 1024}'"
     )
-    return inputs, options
-
-
-def _embedding_inputs(args: argparse.Namespace) -> tuple:
-    from bliss.embedding_bundle import load_bundle
-    from bliss.indexer.build_inputs import BundleInputs
-    from bliss.indexer.pipeline import ModelIdentity
-    from bliss.version_loader import PRECOMPUTED_MODEL
-
-    bundle = load_bundle(args.from_embeddings)
-    model = ModelIdentity(name=PRECOMPUTED_MODEL)
-    if args.model:
-        spec = _model_spec(args)
-        model = ModelIdentity(spec.model_name, spec.weights_id, spec.checksum())
-    source = f"embeddings:{args.from_embeddings.resolve()}"
-    return BundleInputs(bundle), model, source
-
-
-def _image_inputs(args: argparse.Namespace, template: str, executor: Executor) -> tuple:
-    from bliss.dictionaries import resolve_dictionary
-    from bliss.indexer.build_inputs import ImageFolderInputs
-    from bliss.indexer.executors import EncoderSettings
-    from bliss.indexer.pipeline import ModelIdentity
-
-    # The dictionary and model are checked first: the image check can take minutes.
-    dictionary = resolve_dictionary(args.dictionary)
-    spec = _model_spec(args)
-    classes = _image_classes(args)
-    inputs = ImageFolderInputs(
-        classes,
-        dictionary,
-        lambda: executor.encoder(
-            EncoderSettings(spec, args.device, args.batch_size, args.precision)
-        ),
-        template,
-        chunk_size=args.chunk_size,
-        # Not part of the build's identity, but they change the embeddings' rounding:
-        # resumed chunks are reused only under the same ones.
-        encoding={"batch_size": args.batch_size, "device": args.device, "backend": args.backend},
+    store.add_argument(
+        "--milvus-search-params",
+        default="{}",
+        metavar="JSON",
+        help="recorded with the version, used by every server: e.g. '{\"nprobe\": 32}'",
     )
-    return (
-        inputs,
-        ModelIdentity(spec.model_name, spec.weights_id, spec.checksum()),
-        dictionary.source,
-    )
-
-
-# Options that only one image source reads: (flag, the source's argument).
-_SOURCE_OPTIONS = {
-    "class_from": ("--class-from", "from_webdataset"),
-    "image_column": ("--image-column", "from_parquet"),
-    "label_column": ("--label-column", "from_parquet"),
-}
-
-
-def _image_classes(args: argparse.Namespace) -> list[ImageClass]:
-    """The normal images of the chosen source, every one checked before any encoding."""
-    from bliss.indexer.dataset_sources import scan_parquet, scan_webdataset
-    from bliss.indexer.image_checks import check_images
-    from bliss.indexer.image_sources import scan_image_folder
-
-    for option, (flag, source) in _SOURCE_OPTIONS.items():
-        if getattr(args, option) is not None and not getattr(args, source):
-            raise InvalidInputError(f"{flag} applies to --{source.replace('_', '-')} only")
-    if args.from_webdataset:
-        classes = scan_webdataset(args.from_webdataset, args.class_from or "cls", args.class_map)
-    elif args.from_parquet:
-        classes = scan_parquet(
-            args.from_parquet,
-            args.image_column or "image",
-            args.label_column or "label",
-            args.class_map,
-        )
-    else:
-        classes = scan_image_folder(args.from_images, args.class_map)
-    return check_images(classes, max_pixels=args.max_image_pixels, skip_bad=args.skip_bad_images)
-
-
-def _skipped_images(inputs: BuildInputs) -> int:
-    from bliss.indexer.build_inputs import ImageFolderInputs
-
-    if not isinstance(inputs, ImageFolderInputs):
-        return 0
-    return sum(image_class.skipped for image_class in inputs.classes)
-
-
-def _model_spec(args: argparse.Namespace) -> ModelSpec:
-    from bliss.encoders import TINY_TEST_MODEL, ModelSpec
-
-    name = args.model or DEFAULT_MODEL
-    pretrained = args.pretrained
-    if pretrained is None and name == DEFAULT_MODEL:
-        pretrained = DEFAULT_PRETRAINED
-    if name == TINY_TEST_MODEL:
-        logger.warning("%s is randomly initialised: its scores are meaningless", TINY_TEST_MODEL)
-    return ModelSpec(model_name=name, pretrained=pretrained)
 
 
 def _check_name(name: str) -> None:
     import re
 
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+    if len(name) > NAME_LIMIT:
+        raise InvalidInputError(
+            f"index name {name[:20]!r}... is {len(name)} characters long: the limit is {NAME_LIMIT}"
+        )
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise InvalidInputError(f"index name {name!r} is not allowed: {NAME_HELP}")
+
+
+# (flag, attribute, smallest value); None means the option was not given.
+_SMALLEST = (
+    ("--batch-size", "batch_size", 1),
+    ("--chunk-size", "chunk_size", 1),
+    ("--nlist", "nlist", 1),
+    ("--nprobe", "nprobe", 1),
+    ("--hnsw-m", "hnsw_m", 2),  # faiss crashes on HNSW1
+    ("--ef-search", "ef_search", 1),
+    ("--pq-m", "pq_m", 1),
+)
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """The numeric options that need no input to check, before anything is read."""
+    for flag, attribute, smallest in _SMALLEST:
+        value = getattr(args, attribute)
+        if value is not None and value < smallest:
+            raise InvalidInputError(f"{flag} must be at least {smallest}, got {value}")
+    recall = args.target_recall
+    if recall is not None and not (math.isfinite(recall) and 0 < recall <= 1):
+        raise InvalidInputError(
+            f"--target-recall must be in (0, 1], e.g. 0.95 (1 means exact), got {recall}"
+        )

@@ -76,7 +76,7 @@ class ChunkEncoder(Protocol):
 
 
 class Executor(Protocol):
-    def map(self, task: Callable[[Item], Result], items: Sequence[Item]) -> Iterator[Result]:
+    def map(self, task: Callable[[Item], Result], items: Iterable[Item]) -> Iterator[Result]:
         """``task`` applied to every item; results in the order of ``items``."""
         ...
 
@@ -108,7 +108,7 @@ class LocalChunkEncoder:
 class LocalExecutor:
     """Runs everything in this process (the default backend)."""
 
-    def map(self, task: Callable[[Item], Result], items: Sequence[Item]) -> Iterator[Result]:
+    def map(self, task: Callable[[Item], Result], items: Iterable[Item]) -> Iterator[Result]:
         return (task(item) for item in items)
 
     def encoder(self, settings: EncoderSettings) -> ChunkEncoder:
@@ -154,7 +154,7 @@ class RayExecutor:
         # floats per dictionary entry): more in flight than CPUs would only fill memory.
         self.tasks_in_flight = max(1, int(self.ray.cluster_resources().get("CPU", 1)))
 
-    def map(self, task: Callable[[Item], Result], items: Sequence[Item]) -> Iterator[Result]:
+    def map(self, task: Callable[[Item], Result], items: Iterable[Item]) -> Iterator[Result]:
         remote = self.ray.remote(num_cpus=1)(_logged_call)
         driver = DriverContext.current()
         return _ordered_results(

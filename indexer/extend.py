@@ -24,14 +24,10 @@ from bliss.class_statistics import ClassMoments, moment_statistics
 from bliss.dictionary_index import DictionaryIndex, IndexKind, IndexOptions, extended_index
 from bliss.embedding_bundle import EmbeddingExtension
 from bliss.errors import InvalidInputError
+from bliss.indexer.build_options import BuildOptions, BuildOutcome, ModelIdentity
+from bliss.indexer.build_run import BuildRun
 from bliss.indexer.executors import Executor
-from bliss.indexer.pipeline import (
-    BuildOptions,
-    BuildOutcome,
-    BuildRun,
-    ModelIdentity,
-    build_version,
-)
+from bliss.indexer.pipeline import build_version
 from bliss.indexer.workspace import BuildWorkspace
 from bliss.npy_files import DEFAULT_CHUNK_BYTES, NpyRows, iter_row_chunks
 from bliss.serving_artifacts import (
@@ -247,8 +243,13 @@ def extend_version(
     activate: bool = False,
     keep_workspace: bool = False,
     executor: Executor | None = None,
+    wait: bool = False,
+    rebuild: bool = False,
 ) -> BuildOutcome:
-    """Build (or resume, or find) the version ``base`` + ``extension``."""
+    """Build (or resume, or find) the version ``base`` + ``extension``.
+
+    ``wait`` and ``rebuild`` are :func:`build_version`'s.
+    """
     inputs = ExtensionInputs(store, data_dir, base, extension)
     options = BuildOptions(
         name=base.name,
@@ -277,4 +278,6 @@ def extend_version(
         executor=executor,
         run_type=ExtensionRun,
         parent=base,
+        wait=wait,
+        rebuild=rebuild,
     )

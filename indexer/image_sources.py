@@ -27,6 +27,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
+from bliss.dictionaries import read_text_lines
 from bliss.errors import InvalidInputError, NotFoundError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -297,19 +298,30 @@ def _read_class_map(path: Path) -> dict[str, str]:
     """A JSON object {folder or label: class}, or lines 'folder<TAB>class'."""
     if not path.is_file():
         raise NotFoundError(f"class map {path} does not exist")
-    text = path.read_text("utf-8")
     if path.suffix.lower() == ".json":
         try:
-            mapping = json.loads(text)
+            mapping = json.loads(path.read_bytes().decode("utf-8-sig"))
+        except UnicodeDecodeError as error:
+            raise InvalidInputError(
+                f"class map {path} is not UTF-8 text (byte {error.start + 1}: {error.reason}): "
+                "convert it, e.g. with `iconv -f latin1 -t utf-8`"
+            ) from None
         except json.JSONDecodeError as error:
             raise InvalidInputError(f"{path} is not valid JSON: {error}") from None
         if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
             raise InvalidInputError(
                 f"{path} must be a JSON object mapping folder names or labels to class names"
             )
+        unnamed = [key for key, value in mapping.items() if not value.strip()]
+        if unnamed:
+            raise InvalidInputError(
+                f"{path} maps {unnamed[0]!r} to an empty class name: give every class a name"
+            )
         return {str(k): v.strip() for k, v in mapping.items()}
+    with open(path, "rb") as stream:  # lines, encoding and characters as dictionary files
+        lines = list(read_text_lines(stream, f"class map {path}"))
     mapping = {}
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in lines:
         if not line.strip():
             continue
         folder, separator, label = line.partition("\t")

@@ -1,10 +1,13 @@
 """Dynamic micro-batching of image encoding across concurrent requests.
 
-Requests put preprocessed images on a queue; one worker takes up to ``max_batch`` of them
-at a time, waiting at most ``max_delay_s`` after the first for more (Triton's dynamic
-batcher), and encodes each micro-batch in one model call on its own thread. While a
-batch is encoding, newly arrived images queue up, so under load batches fill by
-themselves. Images of a cancelled request (deadline, client gone) are skipped.
+Requests put preprocessed images in a queue of their own; one worker takes up to
+``max_batch`` of them at a time, waiting at most ``max_delay_s`` after the first for more
+(Triton's dynamic batcher), and encodes each micro-batch in one model call on its own
+thread. While a batch is encoding, newly arrived images queue up, so under load batches
+fill by themselves. A batch takes one image from each waiting request in turn, so a
+request of 4,096 images does not hold back a request of 4 that arrives after it (its
+images go into the next batch). Images of a cancelled request (deadline, client gone) are
+dropped.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,7 +55,9 @@ class EncodeBatcher:
         self._max_batch = max_batch
         self._max_delay_s = max_delay_s
         self._on_batch = on_batch
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        # One queue per encode() call; the deque is the order in which they take turns.
+        self._turns: deque[deque[_Pending]] = deque()
+        self._arrived = asyncio.Event()
         # One thread: the model runs one micro-batch at a time (one GPU stream, or torch's
         # own intra-op threads on the CPU).
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"bliss-encode-{name}")
@@ -61,21 +67,27 @@ class EncodeBatcher:
         """Embeddings float32 [len(pixels), D] of the given images, in order."""
         loop = asyncio.get_running_loop()
         pending = [_Pending(p, loop.create_future()) for p in pixels]
-        for item in pending:
-            self._queue.put_nowait(item)
+        queue = deque(pending)
+        self._turns.append(queue)
+        self._arrived.set()
         try:
             rows = await asyncio.gather(*(item.result for item in pending))
         finally:
             for item in pending:
-                item.result.cancel()  # no-op for finished ones; skipped by the worker
+                item.result.cancel()  # no-op for finished ones
+            if queue:  # a failed or cancelled request: its images are not encoded
+                queue.clear()
+                self._turns.remove(queue)
         return np.stack(rows)
 
     async def close(self) -> None:
         self._worker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._worker
-        while not self._queue.empty():
-            self._queue.get_nowait().result.cancel()
+        for queue in self._turns:
+            for item in queue:
+                item.result.cancel()
+        self._turns.clear()
         self._executor.shutdown(wait=True)
 
     async def _run(self) -> None:
@@ -116,30 +128,34 @@ class EncodeBatcher:
                     item.result.set_result(row)
 
     async def _next_batch(self, loop: asyncio.AbstractEventLoop) -> list[_Pending]:
-        batch = [await self._queue.get()]
+        while not self._turns:
+            self._arrived.clear()
+            await self._arrived.wait()
+        batch = self._take(self._max_batch)
         deadline = loop.time() + self._max_delay_s
         while len(batch) < self._max_batch:
-            if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-                continue
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
-            item = await self._get_within(remaining)
-            if item is None:
-                break
-            batch.append(item)
+            if not self._turns:
+                self._arrived.clear()
+                waiter = asyncio.ensure_future(self._arrived.wait())
+                await asyncio.wait({waiter}, timeout=remaining)
+                waiter.cancel()
+                if not self._turns:
+                    break
+            batch += self._take(self._max_batch - len(batch))
         return batch
 
-    async def _get_within(self, timeout_s: float) -> _Pending | None:
-        # Not asyncio.wait_for: before Python 3.12 it can drop an item that arrives just as
-        # the timeout fires, leaving that request waiting until its deadline.
-        getter = asyncio.ensure_future(self._queue.get())
-        await asyncio.wait({getter}, timeout=timeout_s)
-        if not getter.done():
-            getter.cancel()
-            await asyncio.wait({getter})
-        return None if getter.cancelled() else getter.result()
+    def _take(self, count: int) -> list[_Pending]:
+        """Up to ``count`` images, one from each waiting request in turn."""
+        batch: list[_Pending] = []
+        while len(batch) < count and self._turns:
+            queue = self._turns.popleft()
+            batch.append(queue.popleft())
+            if queue:
+                self._turns.append(queue)
+        return batch
 
     def _encode_stacked(self, pixels: list[torch.Tensor]) -> np.ndarray:
         import torch

@@ -8,6 +8,10 @@ version it resolved, so it finishes on that version whatever happens meanwhile.
 
 A version that fails to load never takes the server down: the previous version (if any)
 keeps serving, the failure is logged and counted, and the load is retried later.
+
+The health check (:mod:`bliss.server.health_monitor`) marks the store, or a served
+version whose files changed, unusable; :meth:`IndexRegistry.resolve` then answers
+UNAVAILABLE for it and :meth:`IndexRegistry.publish_health` reports NOT_SERVING.
 """
 
 from __future__ import annotations
@@ -22,14 +26,17 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from grpc_health.v1 import health_pb2
+from sqlalchemy.exc import SQLAlchemyError
 
 from bliss.errors import BlissError, InvalidInputError, NotFoundError
 from bliss.gpu_index import GpuOptions
 from bliss.scorer import Scorer
 from bliss.server.encode_batcher import EncodeBatcher
 from bliss.server.error_details import redact_locations, shorten
+from bliss.server.health_monitor import FileState, served_file_states
 from bliss.server.request_limits import check_version_defaults, entry_text_bound
-from bliss.server.status_codes import IndexUnavailableError
+from bliss.server.status_codes import IndexUnavailableError, store_failure
+from bliss.server.version_leases import ServerLeases
 from bliss.version_loader import load_scorer
 
 if TYPE_CHECKING:
@@ -71,6 +78,8 @@ class ServedIndex:
     images_unavailable_reason: str  # shown to clients: no paths or URLs
     loaded_at: datetime
     entry_text_bound: int  # longest top-entry text in a response, UTF-8 bytes
+    files: tuple[FileState, ...]  # as they were when loaded: the health check compares
+    problem: str | None = None  # why its files are unusable (log only), from the health check
     in_flight: int = 0
     retired: bool = False
     released: bool = False
@@ -106,6 +115,10 @@ class IndexRegistry:
         self._failed: dict[str, _FailedLoad] = {}
         self._encodings: dict[EncoderKey, ImageEncoding] = {}
         self._background: set[asyncio.Task] = set()
+        # Why the store is unusable (log only), from the health check; None while it is fine.
+        self.store_problem: str | None = None
+        # What this server serves, recorded in the store so that it is not deleted.
+        self._leases = ServerLeases(store, settings.poll_interval_s)
 
     # ------------------------------------------------------------------ requests
 
@@ -130,6 +143,7 @@ class IndexRegistry:
             name = known[0]
         served = self._served.get(name)
         if served is not None:
+            self._check_usable(served)
             return served
         failed = self._failed.get(name)
         if failed is not None:
@@ -155,14 +169,61 @@ class IndexRegistry:
             if served.retired and served.in_flight == 0:
                 self._release(served)
 
+    def _check_usable(self, served: ServedIndex) -> None:
+        """UNAVAILABLE while the health check finds the store or the version's files
+        unusable; the reason, with paths and database errors, is in the server log."""
+        if self.store_problem is not None:
+            raise IndexUnavailableError(
+                "the statistics store is unusable from this server (its log has the reason); "
+                "retry later or on another server"
+            )
+        if served.problem is not None:
+            what = (
+                "its Milvus collection cannot be searched"
+                if served.version.dictionary_store == "milvus"
+                else "its files changed or went missing since it was loaded"
+            )
+            raise IndexUnavailableError(
+                f"index {served.version.name!r} is not serving on this server: {served.label}: "
+                f"{what} (the server log has the reason); retry on another server"
+            )
+
+    # ------------------------------------------------------------------ health
+
+    async def publish_health(self) -> None:
+        """Each index: SERVING while loaded with its files intact and the store usable.
+        The server (''): SERVING while at least one index is."""
+        serving = 0
+        for name in sorted(set(self._served) | set(self._failed)):
+            served = self._served.get(name)
+            usable = served is not None and served.problem is None and not self.store_problem
+            serving += usable
+            await self._health.set(name, _SERVING if usable else _NOT_SERVING)
+        await self._health.set(OVERALL_HEALTH, _SERVING if serving else _NOT_SERVING)
+
+    async def reload(self, served: ServedIndex) -> bool:
+        """Load ``served``'s version again, from files restored or rewritten since it was
+        loaded (the health check verified them); True when the new copy serves."""
+        name = served.version.name
+        if self._served.get(name) is not served:
+            return False  # another version took over meanwhile
+        await self._load(served.version)
+        return self._served.get(name) is not served
+
     # ------------------------------------------------------------------ loading
 
     async def refresh(self) -> None:
         """Load every active version not served yet; retire what is no longer active."""
+        if self.store_problem is not None:
+            # A new pooled connection to a deleted SQLite file would create an empty one;
+            # the health check says when the store is back.
+            return
         try:
             active = await asyncio.to_thread(self._store.active_versions)
         except Exception as error:
-            # A store outage must not stop scoring with the versions already loaded.
+            # Until the health check finds the store unusable, the loaded versions serve.
+            if isinstance(error, SQLAlchemyError):
+                error = store_failure(error, self._store.url)
             logger.warning("cannot poll the store (%s); serving the loaded versions", error)
             return
         active_names = {version.name for version in active}
@@ -181,12 +242,16 @@ class IndexRegistry:
             await self._health.set(name, _NOT_SERVING)
         for name in [n for n in self._failed if n not in active_names]:
             del self._failed[name]
-        await self._health.set(OVERALL_HEALTH, _SERVING if self._served else _NOT_SERVING)
+        await self.publish_health()
 
     async def poll_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._settings.poll_interval_s)
-            await self.refresh()
+        renewing = asyncio.get_running_loop().create_task(self._leases.renew_forever())
+        try:
+            while True:
+                await asyncio.sleep(self._settings.poll_interval_s)
+                await self.refresh()
+        finally:
+            renewing.cancel()
 
     async def close(self) -> None:
         for served in self._served.values():
@@ -197,6 +262,7 @@ class IndexRegistry:
         self._encodings.clear()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        await self._leases.release_all()
 
     def _should_wait_before_retrying(self, version: VersionRecord) -> bool:
         failed = self._failed.get(version.name)
@@ -210,7 +276,9 @@ class IndexRegistry:
         started = time.monotonic()
         logger.info("loading %s", version.label)
         try:
-            scorer, text_bound = await asyncio.to_thread(self._load_scorer, version)
+            scorer, text_bound, files = await self._leases.load_leased(
+                version, lambda: asyncio.to_thread(self._load_scorer, version)
+            )
         except Exception as error:
             # Whatever broke (missing or changed FAISS file, incomplete rows, store outage),
             # the versions already served keep serving.
@@ -231,6 +299,7 @@ class IndexRegistry:
             images_unavailable_reason=reason,
             loaded_at=datetime.now(timezone.utc),
             entry_text_bound=text_bound,
+            files=files,
         )
         previous = self._served.get(version.name)
         self._served[version.name] = served  # the switch
@@ -249,18 +318,24 @@ class IndexRegistry:
         if previous is not None:
             self._retire(previous)
 
-    def _load_scorer(self, version: VersionRecord) -> tuple[Scorer, int]:
-        """The version's scorer and its entry-text bound; unusable defaults refuse it."""
-        scorer = load_scorer(
-            self._store,
-            version,
-            self._settings.data_dir,
-            memory_budget_bytes=self._settings.memory_budget_bytes,
-            use_gpu=self._settings.faiss_gpu,
-            gpu_options=GpuOptions(float16=self._settings.faiss_gpu_float16),
-        )
+    def _load_scorer(self, version: VersionRecord) -> tuple[Scorer, int, tuple[FileState, ...]]:
+        """The version's scorer, its entry-text bound and its files' states before loading
+        (so a change during the load shows at the next health check); unusable defaults
+        refuse it."""
+        files = served_file_states(version, self._settings.data_dir)
+        try:
+            scorer = load_scorer(
+                self._store,
+                version,
+                self._settings.data_dir,
+                memory_budget_bytes=self._settings.memory_budget_bytes,
+                use_gpu=self._settings.faiss_gpu,
+                gpu_options=GpuOptions(float16=self._settings.faiss_gpu_float16),
+            )
+        except SQLAlchemyError as error:
+            raise store_failure(error, self._store.url) from None
         check_version_defaults(scorer.defaults, version.label)
-        return scorer, entry_text_bound(scorer)
+        return scorer, entry_text_bound(scorer), files
 
     async def _image_encoding(self, version: VersionRecord) -> tuple[ImageEncoding | None, str]:
         from bliss.version_loader import image_encoder_for
@@ -318,4 +393,5 @@ class IndexRegistry:
                 task = asyncio.get_running_loop().create_task(encoding.batcher.close())
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
+        self._leases.release(served.version.id)
         logger.info("released %s", served.label)

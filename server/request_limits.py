@@ -173,8 +173,8 @@ def check_response_size(
     )
 
 
-def check_finite_outputs(batch: ScoreBatch, ids: Sequence[str], label: str) -> None:
-    """Raise NonFiniteScoreError naming the items whose outputs are NaN or inf."""
+def non_finite_rows(batch: ScoreBatch) -> list[int]:
+    """Rows of ``batch`` with a NaN or infinite output."""
     rows = ~(
         np.isfinite(batch.score)
         & np.isfinite(batch.internal_class_score)
@@ -184,12 +184,14 @@ def check_finite_outputs(batch: ScoreBatch, ids: Sequence[str], label: str) -> N
     )
     if batch.normal_quantile is not None:
         rows |= ~np.isfinite(batch.normal_quantile)
-    if not rows.any():
-        return
-    bad = np.flatnonzero(rows).tolist()
+    return np.flatnonzero(rows).tolist()
+
+
+def non_finite_error(bad: Sequence[int], ids: Sequence[str], label: str) -> NonFiniteScoreError:
+    """The error naming the items at positions ``bad`` (of ``ids``), in request order."""
     named = ", ".join(describe_item(p, ids[p]) for p in bad[:MAX_NAMED_ITEMS])
     more = f" and {len(bad) - MAX_NAMED_ITEMS} more" if len(bad) > MAX_NAMED_ITEMS else ""
-    raise NonFiniteScoreError(
+    return NonFiniteScoreError(
         f"{named}{more}: index {shorten(label)} produced a NaN or infinite score for valid "
         "input, so it was not returned; the index's statistics are likely corrupt: tell the "
         "operator (the server log names the index)"

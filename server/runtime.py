@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -18,17 +19,21 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
+from sqlalchemy.exc import SQLAlchemyError
 
 from bliss.blas_kernels import describe_blas
 from bliss.errors import InvalidInputError
 from bliss.server.allocator_tuning import keep_freed_buffers
 from bliss.server.auth import BearerTokenInterceptor
+from bliss.server.health_monitor import HealthMonitor
 from bliss.server.index_registry import IndexRegistry
 from bliss.server.metrics import MetricsEndpoint, ServerMetrics
 from bliss.server.reflection import enable_reflection
 from bliss.server.scoring_service import SCORER_SERVICE, AnomalyScorerService
 from bliss.server.settings import ServerSettings
+from bliss.server.status_codes import store_failure
 from bliss.store import Store
+from bliss.store.database import redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +54,11 @@ class BlissServer:
         self._server: grpc.aio.Server | None = None
         self._service: AnomalyScorerService | None = None
         self._poller: asyncio.Task | None = None
+        self._monitor: HealthMonitor | None = None
+        self._health_checks: asyncio.Task | None = None
         self._metrics_endpoint: MetricsEndpoint | None = None
         self._stopped: asyncio.Event | None = None
+        self._serving = False  # the port is open: a start-up failure stops without a word
         self.health = health.aio.HealthServicer()
         self._registry: IndexRegistry | None = None
 
@@ -76,7 +84,7 @@ class BlissServer:
         logger.info("BLAS kernels: %s", describe_blas())
         if settings.malloc_tuning:
             keep_freed_buffers()
-        self._store = Store.open(settings.resolved_store_url)
+        self._store = _open_store(settings.resolved_store_url)
         self._registry = IndexRegistry(self._store, settings, self.metrics, self.health)
         await self._registry.refresh()
         interceptors = [BearerTokenInterceptor(token, self.metrics)] if token else []
@@ -100,7 +108,11 @@ class BlissServer:
             enable_reflection(self._server, (SCORER_SERVICE, health.SERVICE_NAME))
         self.port = self._bind(credentials)
         await self._server.start()
-        self._poller = asyncio.get_running_loop().create_task(self.registry.poll_forever())
+        self._serving = True
+        loop = asyncio.get_running_loop()
+        self._poller = loop.create_task(self.registry.poll_forever())
+        self._monitor = HealthMonitor(self.registry, self._store, settings)
+        self._health_checks = loop.create_task(self._monitor.run_forever())
         if settings.metrics:
             self._metrics_endpoint = MetricsEndpoint(
                 self.metrics, settings.metrics_host, settings.metrics_port
@@ -157,11 +169,15 @@ class BlissServer:
         if delay > 0:
             logger.info("shutting down: NOT_SERVING for %.1f s before closing the port", delay)
             await asyncio.sleep(delay)
-        logger.info("shutting down: draining in-flight calls for up to %.0f s", grace)
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+        if self._serving:
+            logger.info("shutting down: draining in-flight calls for up to %.0f s", grace)
+        for task in (self._poller, self._health_checks):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._monitor is not None:
+            await self._monitor.close()
         if self._server is not None:
             await self._server.stop(grace)
         if self._registry is not None:
@@ -173,7 +189,13 @@ class BlissServer:
         if self._store is not None:
             self._store.close()
         self._stopped.set()
-        logger.info("stopped")
+        if self._serving:
+            logger.info("stopped")
+
+    async def check_health(self) -> None:
+        """One health check now: the store, the served files, the published statuses."""
+        assert self._monitor is not None, "start() the server first"
+        await self._monitor.check()
 
     async def stop_now(self) -> None:
         """Cancel in-flight calls (after a second signal); stop() still finishes the rest."""
@@ -250,6 +272,10 @@ class BackgroundServer:
         """Poll the store now (instead of waiting for the poll interval)."""
         self.call(self.server.registry.refresh())
 
+    def check_health(self) -> None:
+        """Run the health check now (instead of waiting for its interval)."""
+        self.call(self.server.check_health())
+
     def close(self, grace_s: float = 0, *, delay_s: float = 0) -> None:
         """Stop the server (see BlissServer.stop) and its loop thread."""
         if self._loop.is_closed():
@@ -268,17 +294,59 @@ class BackgroundServer:
         self.close()
 
 
+def _open_store(url: str) -> Store:
+    """The store; a database error the store does not translate (a SQLite file that is
+    no database) becomes one line instead of a traceback."""
+    try:
+        return Store.open(url)
+    except SQLAlchemyError as error:
+        raise store_failure(error, redact_url(url)) from None
+
+
 def _server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
     if settings.tls_cert is None or settings.tls_key is None:
         return None
+    key = _read_pem(settings.tls_key, "tls_key")
+    cert = _read_pem(settings.tls_cert, "tls_cert")
     client_ca = (
         _read_pem(settings.tls_client_ca, "tls_client_ca") if settings.tls_client_ca else None
     )
+    _check_tls_files(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     return grpc.ssl_server_credentials(
-        [(_read_pem(settings.tls_key, "tls_key"), _read_pem(settings.tls_cert, "tls_cert"))],
+        [(key, cert)],
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
+
+
+def _check_tls_files(cert: Path, key: Path, client_ca: Path | None) -> None:
+    """Load the files with OpenSSL first: gRPC only reports a failed bind, which reads
+    like a port in use."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    certificates = ((cert, "TLS certificate", "--tls-cert / BLISS_TLS_CERT"),)
+    if client_ca is not None:
+        certificates += ((client_ca, "client CA bundle", "--tls-client-ca / BLISS_TLS_CLIENT_CA"),)
+    for path, what, flag in certificates:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+        except ssl.SSLError as error:
+            raise InvalidInputError(
+                f"the {what} {path} holds no certificate OpenSSL can read ({error.args[-1]}): "
+                f"give PEM certificates ({flag})"
+            ) from None
+    try:
+        # A password callback that gives none: an encrypted key fails instead of prompting.
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as error:
+        if error.reason == "KEY_VALUES_MISMATCH":
+            raise InvalidInputError(
+                f"the TLS key {key} does not belong to the certificate {cert}: give that "
+                "certificate's key (--tls-key / BLISS_TLS_KEY)"
+            ) from None
+        raise InvalidInputError(
+            f"the TLS key {key} is not a private key OpenSSL can read, or it is encrypted: "
+            "give the certificate's key as unencrypted PEM (--tls-key / BLISS_TLS_KEY)"
+        ) from None
 
 
 def _read_pem(path: Path, setting: str) -> bytes:

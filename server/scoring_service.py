@@ -5,10 +5,13 @@ The service takes raw request bytes (:meth:`AnomalyScorerService.method_handlers
 parses them itself, so a malformed message is answered INVALID_ARGUMENT instead of
 gRPC's UNKNOWN with a traceback, is counted in the metrics, and nothing is parsed before
 the token check (an interceptor) has passed. CPU-heavy stages run off the event loop:
-validation, FAISS search, gather and scoring on the scoring pool; image header checks
-and decoding on the decode pool; encoding on the micro-batcher's thread. Expected
-failures are BlissErrors turned into a precise status with field violations; anything
-else is logged with a traceback and answered INTERNAL with a reference to that log line.
+validation, FAISS search, gather and scoring on the scoring pool, a micro-batch of rows
+(``--micro-batch-items``) per turn; image header checks and decoding on the decode pool,
+an image per turn; encoding on the micro-batcher's thread. Concurrent requests take
+turns on each (:mod:`bliss.server.fair_scheduler`), so a huge batch cannot starve small
+ones. Expected failures are BlissErrors turned into a precise status with field
+violations; anything else is logged with a traceback and answered INTERNAL with a
+reference to that log line.
 """
 
 from __future__ import annotations
@@ -32,15 +35,16 @@ from bliss.server.error_details import (
     shorten,
     with_prefix,
 )
+from bliss.server.fair_scheduler import FairScheduler, Lane
 from bliss.server.image_decoding import ImageLimits, declared_pixels, preprocessed_image
 from bliss.server.index_info import index_info
 from bliss.server.index_registry import IndexRegistry, ServedIndex
 from bliss.server.metrics import ServerMetrics
-from bliss.server.request_limits import ResponseShape, check_finite_outputs, check_response_size
+from bliss.server.micro_batches import merge_parts, row_slices, score_rows
+from bliss.server.request_limits import ResponseShape, check_response_size
 from bliss.server.scoring_requests import (
     ParsedItems,
     ScoringOptions,
-    build_response,
     parse_items,
     parse_message,
     parse_options,
@@ -48,10 +52,9 @@ from bliss.server.scoring_requests import (
 from bliss.server.settings import ServerSettings
 from bliss.server.status_codes import (
     ImagesUnavailableError,
-    IndexReadError,
-    NonFiniteScoreError,
     status_code_for,
 )
+from bliss.store.database import redact_url
 from bliss.v1 import scorer_pb2
 
 logger = logging.getLogger(__name__)
@@ -77,6 +80,9 @@ class AnomalyScorerService:
         self._decode_pool = ThreadPoolExecutor(
             settings.decode_threads, thread_name_prefix="bliss-decode"
         )
+        self._scoring = FairScheduler(self._scoring_pool, settings.scoring_threads)
+        self._decoding = FairScheduler(self._decode_pool, settings.decode_threads)
+        self._store_url = redact_url(settings.resolved_store_url)
 
     def close(self) -> None:
         self._scoring_pool.shutdown(wait=True, cancel_futures=True)
@@ -159,29 +165,31 @@ class AnomalyScorerService:
     # ------------------------------------------------------------------ scoring
 
     async def _score(self, request: scorer_pb2.ScoreRequest) -> scorer_pb2.ScoreResponse:
-        loop = asyncio.get_running_loop()
         self._metrics.inflight.inc()
         try:
-            with self._registry.lease(request.options.index) as served:
-                parsed, options, response = await loop.run_in_executor(
-                    self._scoring_pool, self._parse_and_score_embeddings, request, served
+            with (
+                self._registry.lease(request.options.index) as served,
+                self._scoring.lane() as lane,
+            ):
+                parsed, options, response = await self._scoring.run(
+                    lane, self._parse_and_score_small, request, served
                 )
                 if response is None:
-                    rows = await self._encode_images(served, parsed)
-                    parsed.embeddings[parsed.image_positions] = rows
-                    response = await loop.run_in_executor(
-                        self._scoring_pool, self._score_parsed, served, parsed, options
-                    )
+                    if parsed.image_positions:
+                        rows = await self._encode_images(served, parsed)
+                        parsed.embeddings[parsed.image_positions] = rows
+                    response = await self._score_micro_batches(lane, served, parsed, options)
         finally:
             self._metrics.inflight.dec()
         self._metrics.batch_items.labels(served.version.name).observe(len(parsed.ids))
         self._metrics.items.labels(served.label).inc(len(parsed.ids))
         return response
 
-    def _parse_and_score_embeddings(
+    def _parse_and_score_small(
         self, request: scorer_pb2.ScoreRequest, served: ServedIndex
     ) -> tuple[ParsedItems, ScoringOptions, scorer_pb2.ScoreResponse | None]:
-        """Validate the whole request and its budget; score it now when it holds no images."""
+        """Validate the whole request and its budget; score it in this same turn when it
+        holds no images and fits one micro-batch."""
         settings = self._settings
         options = parse_options(request.options, served.scorer, settings.max_k)
         parsed = parse_items(
@@ -193,38 +201,33 @@ class AnomalyScorerService:
         check_response_size(
             shape, served.scorer, served.entry_text_bound, settings.max_message_bytes
         )
-        if not parsed.image_positions:
-            return parsed, options, self._score_parsed(served, parsed, options)
-        if served.images is None:
+        if parsed.image_positions and served.images is None:
             first = parsed.image_positions[0]
             raise ImagesUnavailableError(
                 f"{describe_item(first, parsed.ids[first])} is an image, but index "
                 f"{served.label} cannot encode images: {served.images_unavailable_reason}"
             )
-        return parsed, options, None
+        micro_batch = settings.micro_batch_items
+        if parsed.image_positions or (micro_batch and len(parsed.ids) > micro_batch):
+            return parsed, options, None
+        whole = slice(0, len(parsed.ids))
+        part = score_rows(served, parsed, options, whole, self._store_url)
+        return parsed, options, merge_parts([part], parsed.ids, served.label)
 
-    def _score_parsed(
-        self, served: ServedIndex, parsed: ParsedItems, options: ScoringOptions
+    async def _score_micro_batches(
+        self, lane: Lane, served: ServedIndex, parsed: ParsedItems, options: ScoringOptions
     ) -> scorer_pb2.ScoreResponse:
-        try:
-            batch = served.scorer.score(
-                parsed.embeddings, mode=options.mode, k=options.k, lam=options.lam
+        """Score the rows a micro-batch per turn of the request's lane, then merge."""
+        parts = await asyncio.gather(
+            *(
+                self._scoring.run(lane, score_rows, served, parsed, options, rows, self._store_url)
+                for rows in row_slices(len(parsed.ids), self._settings.micro_batch_items)
             )
-            check_finite_outputs(batch, parsed.ids, served.label)
-            return build_response(batch, served.scorer, parsed.ids, options)
-        except (StoreError, NonFiniteScoreError):
-            raise
-        except BlissError as error:
-            # The request was validated already: this is the version's files or rows
-            # failing (a missing entry, a corrupt file), which the client cannot fix.
-            reference = secrets.token_hex(4)
-            logger.warning(
-                "scoring on %s failed (reference %s): %s", served.label, reference, error
-            )
-            raise IndexReadError(
-                f"index {served.label} could not be read while scoring (reference {reference}: "
-                "the server log has the details)"
-            ) from None
+        )
+        if len(parts) == 1:
+            return merge_parts(parts, parsed.ids, served.label)
+        # Merging copies every result: a few ms for 4,096 items, so it takes its turn too.
+        return await self._scoring.run(lane, merge_parts, parts, parsed.ids, served.label)
 
     def _check_image_pixels(self, parsed: ParsedItems) -> None:
         """Header checks of every image, and the request's pixel budget, before decoding."""
@@ -247,18 +250,17 @@ class AnomalyScorerService:
 
     async def _encode_images(self, served: ServedIndex, parsed: ParsedItems) -> np.ndarray:
         assert served.images is not None  # checked while parsing
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._decode_pool, self._check_image_pixels, parsed)
         preprocess = served.images.encoder.preprocess
-        decoded = await asyncio.gather(
-            *(
-                loop.run_in_executor(
-                    self._decode_pool, preprocessed_image, data, self._limits, preprocess
-                )
-                for data in parsed.images
-            ),
-            return_exceptions=True,
-        )
+        # One image per task, in turns with other requests' images.
+        with self._decoding.lane() as lane:
+            await self._decoding.run(lane, self._check_image_pixels, parsed)
+            decoded = await asyncio.gather(
+                *(
+                    self._decoding.run(lane, preprocessed_image, data, self._limits, preprocess)
+                    for data in parsed.images
+                ),
+                return_exceptions=True,
+            )
         # Report the first bad image in request order, whichever failed first in time.
         for position, outcome in zip(parsed.image_positions, decoded, strict=True):
             if isinstance(outcome, InvalidInputError):

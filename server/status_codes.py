@@ -7,6 +7,7 @@ offending item; the servicer turns them into a status with :func:`status_code_fo
 from __future__ import annotations
 
 import grpc
+from sqlalchemy.exc import SQLAlchemyError
 
 from bliss.errors import (
     BlissError,
@@ -54,6 +55,18 @@ _CODES: tuple[tuple[type[BlissError], grpc.StatusCode], ...] = (
     # The store is unreachable or locked: transient, so clients may retry elsewhere.
     (StoreError, grpc.StatusCode.UNAVAILABLE),
 )
+
+
+def store_failure(error: SQLAlchemyError, store_url: str) -> StoreError:
+    """One line for a database error the store did not translate itself (a SQLite file
+    that is no database, a dropped connection); its SQL and traceback stay out of it."""
+    cause = getattr(error, "orig", None) or error
+    reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    return StoreError(
+        f"the store at {store_url} failed: {reason}; check that the database is running, "
+        "reachable, not locked and not corrupt (restore a damaged SQLite file from a backup), "
+        "and that --store-url / BLISS_STORE_URL is right"
+    )
 
 
 def status_code_for(error: BlissError) -> grpc.StatusCode:

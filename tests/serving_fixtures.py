@@ -5,6 +5,11 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from bliss.client import BlissClient
 from bliss.server.settings import ServerSettings
 from tests.cli_runner import run_cli
 from tests.synthetic_embeddings import SyntheticWorld
@@ -92,6 +98,41 @@ def embedding_items_match(remote: list[dict], local: list[dict], tolerance: floa
                 list(line["class_scores"].values()),
                 atol=tolerance,
             )
+
+
+def wait_for_health(client: BlissClient, service: str, status: str, timeout_s: float = 15) -> None:
+    """Poll ``client.health(service)`` until it says ``status`` (a loaded machine may take a
+    few health-check intervals)."""
+    deadline = time.monotonic() + timeout_s
+    while (seen := client.health(service)) != status:
+        assert time.monotonic() < deadline, f"health of {service!r} stayed {seen}, not {status}"
+        time.sleep(0.05)
+
+
+_SQLITE_LOCKER = """
+import sqlite3, sys
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("PRAGMA locking_mode = EXCLUSIVE")
+connection.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextmanager
+def hold_sqlite_lock(database: Path) -> Iterator[None]:
+    """Another process holding an exclusive lock on the SQLite file for the block."""
+    locker = subprocess.Popen(
+        [sys.executable, "-c", _SQLITE_LOCKER, str(database)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert locker.stdout is not None and locker.stdout.readline() == "locked\n"
+        yield
+    finally:
+        locker.communicate(timeout=30)
 
 
 @dataclass(frozen=True)

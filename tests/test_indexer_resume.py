@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from bliss.encoders import TINY_TEST_MODEL
-from bliss.indexer import pipeline
+from bliss.indexer import build_run
 from bliss.indexer.workspace import WORKSPACE_FORMAT, BuildWorkspace
 from bliss.store import Store
 from bliss.synthetic_images import write_shape_folders
@@ -109,7 +109,7 @@ class KillSwitch:
 @pytest.fixture
 def small_store_blocks(monkeypatch):
     # Several statistics transactions, so a kill can land between two of them.
-    monkeypatch.setattr(pipeline, "STATISTICS_BLOCK_ROWS", 3 * 50)
+    monkeypatch.setattr(build_run, "STATISTICS_BLOCK_ROWS", 3 * 50)
 
 
 @pytest.mark.slow
@@ -124,7 +124,7 @@ def test_killed_at_random_points_and_resumed_with_other_sizes_is_identical(
         clean[chunk, batch] = result_of(tmp_path / f"clean-{chunk}")
         writes[chunk, batch] = counter.writes
         monkeypatch.undo()
-        monkeypatch.setattr(pipeline, "STATISTICS_BLOCK_ROWS", 3 * 50)
+        monkeypatch.setattr(build_run, "STATISTICS_BLOCK_ROWS", 3 * 50)
     generator = random.Random(12)
     for trial in range(6):
         data = tmp_path / f"trial-{trial}"
@@ -134,7 +134,7 @@ def test_killed_at_random_points_and_resumed_with_other_sizes_is_identical(
         with pytest.raises(Killed):
             build(inputs, data, chunk=first[0], batch=first[1])
         monkeypatch.undo()
-        monkeypatch.setattr(pipeline, "STATISTICS_BLOCK_ROWS", 3 * 50)
+        monkeypatch.setattr(build_run, "STATISTICS_BLOCK_ROWS", 3 * 50)
         resumed = build(inputs, data, chunk=then[0], batch=then[1])
         assert resumed.code == 0, (trial, kill_at, resumed.stderr)
         assert_identical(result_of(data), clean[then])
@@ -226,7 +226,7 @@ def test_an_untrusted_workspace_is_discarded_with_one_line(inputs, tmp_path, mon
 def test_statistics_recomputed_another_way_rewrite_every_store_row(inputs, tmp_path, monkeypatch):
     """Store rows from one statistics path are never continued with another's."""
     data = tmp_path / "data"
-    monkeypatch.setattr(pipeline, "STATISTICS_BLOCK_ROWS", 3 * 50)
+    monkeypatch.setattr(build_run, "STATISTICS_BLOCK_ROWS", 3 * 50)
     # Kill inside the store rows stage: after the first statistics block.
     original = Store.write_entry_statistics
     blocks = []
@@ -241,7 +241,7 @@ def test_statistics_recomputed_another_way_rewrite_every_store_row(inputs, tmp_p
     with pytest.raises(Killed):
         build(inputs, data, chunk=50, batch=16, extra=("--statistics-path", "direct"))
     monkeypatch.undo()
-    monkeypatch.setattr(pipeline, "STATISTICS_BLOCK_ROWS", 3 * 50)
+    monkeypatch.setattr(build_run, "STATISTICS_BLOCK_ROWS", 3 * 50)
     resumed = build(inputs, data, chunk=50, batch=16, extra=("--statistics-path", "moments"))
     assert resumed.code == 0, resumed.stderr
     clean = tmp_path / "clean"

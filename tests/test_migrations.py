@@ -19,6 +19,7 @@ from bliss.store.database import (
     head_revision,
     upgrade_to_head,
 )
+from bliss.store.leases import LeaseHolder
 from bliss.store.models import Base
 
 STORE_TABLES = {
@@ -27,6 +28,8 @@ STORE_TABLES = {
     "dictionary_entries",
     "entry_statistics",
     "calibration_scores",
+    "version_leases",
+    "build_locks",
 }
 
 
@@ -48,10 +51,10 @@ def schema_diffs(url: str, metadata: MetaData) -> list:
 
 
 def test_upgrade_downgrade_and_upgrade_again(store_url: str) -> None:
-    assert head_revision() == "0003"
+    assert head_revision() == "0005"
     assert current_revision(store_url) is None
     upgrade_to_head(store_url)
-    assert current_revision(store_url) == "0003"
+    assert current_revision(store_url) == "0005"
     assert table_names(store_url) == STORE_TABLES | {"alembic_version"}
     engine = create_store_engine(store_url)
     try:
@@ -65,7 +68,7 @@ def test_upgrade_downgrade_and_upgrade_again(store_url: str) -> None:
     assert table_names(store_url) <= {"alembic_version"}
 
     upgrade_to_head(store_url)
-    assert current_revision(store_url) == "0003"
+    assert current_revision(store_url) == "0005"
     with Store.open(store_url) as store:
         assert store.list_versions() == []
 
@@ -103,12 +106,12 @@ def test_db_commands(store_url: str, capsys: pytest.CaptureFixture[str]) -> None
         return capsys.readouterr().out
 
     assert "none (empty: run `bliss db upgrade`" in run("current")
-    assert "empty -> 0003" in run("upgrade")
-    assert "already at 0003" in run("upgrade")
-    assert "0003 (head)" in run("current")
-    assert "0003 -> 0001" in run("downgrade", "0001")
-    assert "0001 -> 0003" in run("upgrade")
-    assert "0003 -> empty (base)" in run("downgrade", "base")
+    assert "empty -> 0005" in run("upgrade")
+    assert "already at 0005" in run("upgrade")
+    assert "0005 (head)" in run("current")
+    assert "0005 -> 0001" in run("downgrade", "0001")
+    assert "0001 -> 0005" in run("upgrade")
+    assert "0005 -> empty (base)" in run("downgrade", "base")
     assert table_names(store_url) <= {"alembic_version"}
 
 
@@ -172,3 +175,22 @@ def test_0003_turns_raw_moments_into_centred_ones_and_back(store_url: str) -> No
     with Store.open(store_url) as store:
         (again,) = store.load_classes(created.id)
     np.testing.assert_allclose(again.moment_covariance, record.moment_covariance, atol=1e-13)
+
+
+def test_downgrading_leases_and_locks_keeps_the_versions(store_url: str) -> None:
+    """0004 -> 0003 drops only the lease and lock tables; leases do not come back."""
+    upgrade_to_head(store_url)
+    with Store.open(store_url) as store:
+        created = store.create_version(
+            name="kept", model_name="m", model_weights="", model_checksum=None,
+            embedding_dim=4, prompt_template="a {label}", dictionary_source="test",
+            dictionary_size=1, faiss_path="", faiss_kind="flat", default_k=1,
+            default_lambda=0.5, eps=1e-8, build_fingerprint="f" * 64,
+        )  # fmt: skip
+        store.sync_leases(LeaseHolder.this_process(), {created.id}, ttl_s=60)
+    downgrade(store_url, "0003")
+    assert not {"version_leases", "build_locks"} & table_names(store_url)
+    upgrade_to_head(store_url)
+    with Store.open(store_url) as store:
+        assert store.get_version_by_id(created.id).name == "kept"
+        assert store.live_leases(created.id) == []

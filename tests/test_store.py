@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +18,11 @@ from sqlalchemy.exc import IntegrityError
 
 from bliss.errors import InvalidInputError, NotFoundError, StoreError
 from bliss.settings import StoreSettings
-from bliss.store import ClassRecord, Store, VersionRecord, VersionState
+from bliss.store import ClassRecord, Store, VersionRecord, VersionState, build_locks
+from bliss.store.build_locks import BuildInProgressError
 from bliss.store.database import create_store_engine, normalize_url, redact_url, upgrade_to_head
+from bliss.store.leases import LeaseHolder, VersionInUseError
+from bliss.store.sessions import utc_now
 
 DIM = 8
 N_ENTRIES = 50
@@ -417,3 +425,134 @@ def test_urls_are_normalised_and_redacted() -> None:
     assert redact_url("postgresql://bob:secret@db/bliss") == "postgresql://bob:***@db/bliss"
     with pytest.raises(StoreError, match="cannot parse store URL"):
         normalize_url("not a url")
+
+
+# ------------------------------------------------------------ leases and build locks
+
+
+def test_a_leased_version_is_deleted_only_once_released_or_expired(store: Store) -> None:
+    rng = np.random.default_rng(10)
+    served, other = build_ready(store, rng), build_ready(store, rng)
+    first, second = LeaseHolder("a" * 32, "host-a", 11), LeaseHolder("b" * 32, "host-b", 12)
+    assert store.sync_leases(first, {served.id, other.id}, ttl_s=60) == {served.id, other.id}
+    assert store.sync_leases(second, {served.id}, ttl_s=60) == {served.id}
+    with pytest.raises(
+        VersionInUseError, match=r"cifar10@1 is served by 2 running servers \(since"
+    ):
+        store.delete_version(served.id)
+    # A renewal that drops a version releases it; renewing keeps the first acquisition time.
+    acquired = store.live_leases(served.id)[0].acquired_at
+    assert store.sync_leases(first, {served.id}, ttl_s=60) == {served.id}
+    assert store.live_leases(served.id)[0].acquired_at == acquired
+    store.delete_version(other.id)
+    store.sync_leases(second, set(), ttl_s=60)
+    with pytest.raises(VersionInUseError, match="served by 1 running server "):
+        store.delete_version(served.id)
+    # A server that stops renewing (crashed) no longer protects the version.
+    store.sync_leases(first, {served.id}, ttl_s=0)
+    assert store.live_leases(served.id) == []
+    assert store.prune_expired_leases() == 1
+    store.delete_version(served.id)
+
+
+def test_force_deletes_a_leased_version_and_its_leases(store: Store, store_url: str) -> None:
+    version = build_ready(store, np.random.default_rng(11))
+    holder = LeaseHolder.this_process()
+    store.sync_leases(holder, {version.id}, ttl_s=60)
+    store.delete_version(version.id, force=True)
+    engine = create_store_engine(store_url)
+    try:
+        with engine.connect() as connection:
+            assert connection.scalar(text("SELECT COUNT(*) FROM version_leases")) == 0
+    finally:
+        engine.dispose()
+    # The server's next renewal finds the version gone and holds nothing.
+    assert store.sync_leases(holder, {version.id}, ttl_s=60) == set()
+
+
+def test_a_build_lock_admits_one_holder(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(build_locks, "LOCK_WAIT_POLL_S", 0.05)
+    lock = store.try_build_lock("pets", FINGERPRINT)
+    assert lock is not None
+    assert store.try_build_lock("pets", FINGERPRINT) is None
+    holder = store.build_lock_holder("pets", FINGERPRINT)
+    assert holder is not None and holder.pid == os.getpid()
+    other = store.try_build_lock("pets", CHECKSUM)  # another build runs beside it
+    assert other is not None
+    other.release()
+    with pytest.raises(BuildInProgressError) as raised, store.build_lock("pets", FINGERPRINT):
+        pass
+    message = str(raised.value)
+    assert (
+        f"another build of pets with the same inputs and options is running (pid {os.getpid()}"
+        in message
+    )
+    assert "add --wait" in message and "\n" not in message
+
+    entered = threading.Event()
+
+    def wait_for_it() -> None:
+        with store.build_lock("pets", FINGERPRINT, wait=True):
+            entered.set()
+
+    waiter = threading.Thread(target=wait_for_it)
+    waiter.start()
+    assert not entered.wait(0.5)  # still held
+    lock.release()
+    waiter.join(timeout=30)
+    assert entered.is_set()
+    assert store.build_lock_holder("pets", FINGERPRINT) is None
+
+
+_HOLD_LOCK = """
+import sys, time
+from bliss.store import Store
+store = Store.open(sys.argv[1])
+assert store.try_build_lock("pets", "f" * 64) is not None
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_build_lock_of_a_killed_process_is_taken_over(store: Store, store_url: str) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, store_url], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        assert store.try_build_lock("pets", FINGERPRINT) is None
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    # PostgreSQL drops the advisory lock when it notices the connection closed.
+    deadline = time.monotonic() + 30
+    while (lock := store.try_build_lock("pets", FINGERPRINT)) is None:
+        assert time.monotonic() < deadline, "the dead process's lock was never released"
+        time.sleep(0.1)
+    assert store.build_lock_holder("pets", FINGERPRINT).pid == os.getpid()
+    lock.release()
+
+
+def test_a_silent_lock_holder_elsewhere_is_taken_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite only: PostgreSQL's advisory locks die with their session, no heartbeat needed."""
+    store_url = f"sqlite:///{tmp_path / 'bliss.sqlite3'}"
+    upgrade_to_head(store_url)
+    monkeypatch.setattr(build_locks, "LOCK_STALE_S", 60.0)
+    engine = create_store_engine(store_url)
+    insert = text(
+        "INSERT INTO build_locks (name, fingerprint, owner, host, pid, acquired_at, heartbeat_at) "
+        "VALUES ('pets', :fp, 'x', 'elsewhere', 1, :at, :at)"
+    )
+    try:
+        with engine.begin() as connection:
+            connection.execute(insert, {"fp": FINGERPRINT, "at": utc_now()})
+            connection.execute(insert, {"fp": CHECKSUM, "at": utc_now() - timedelta(seconds=61)})
+    finally:
+        engine.dispose()
+    with Store.open(store_url) as store:
+        assert store.try_build_lock("pets", FINGERPRINT) is None  # its heartbeat is recent
+        lock = store.try_build_lock("pets", CHECKSUM)
+        assert lock is not None
+        lock.release()

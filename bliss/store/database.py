@@ -85,6 +85,19 @@ def current_revision(url: str) -> str | None:
         engine.dispose()
 
 
+def existing_revision(url: str) -> str | None:
+    """The schema revision of the store at ``url``; None when there is no store or no schema.
+
+    Unlike :func:`current_revision`, never creates a SQLite file that is not there.
+    """
+    parsed = make_url(normalize_url(url))
+    path = parsed.database or ":memory:"
+    plain_file = not path.startswith(("file:", ":memory:"))
+    if parsed.get_backend_name() == "sqlite" and plain_file and not Path(path).is_file():
+        return None
+    return current_revision(url)
+
+
 def upgrade_to_head(url: str) -> None:
     """Migrate the store at ``url`` to the newest schema, in one transaction."""
     _run_on_url(url, lambda config: command.upgrade(config, "head"))
@@ -105,10 +118,12 @@ def prepare_schema(engine: Engine, *, migrate: bool) -> None:
     if current == head:
         return
     where = display_url(engine)
+    # With a password the URL shown is redacted: the command names the flag instead.
+    url_flag = "--store-url URL" if engine.url.password else f"--store-url {where}"
     if current is None:
         raise StoreError(
             f"store at {where} has no bliss schema (empty database), this bliss needs "
-            f"revision {head}: run `bliss db upgrade --store-url {where}` first"
+            f"revision {head}: run `bliss db upgrade {url_flag}` first"
         )
     if current not in _known_revisions():
         raise StoreError(
@@ -117,7 +132,7 @@ def prepare_schema(engine: Engine, *, migrate: bool) -> None:
         )
     raise StoreError(
         f"store at {where} is at revision {current}, this bliss needs {head}: "
-        f"run `bliss db upgrade --store-url {where}` (back up the database first)"
+        f"run `bliss db upgrade {url_flag}` (back up the database first)"
     )
 
 

@@ -100,6 +100,9 @@ class IndexVersion(Base):
     parent_version_id: Mapped[int | None] = mapped_column(
         ForeignKey("index_versions.id", ondelete="SET NULL")
     )
+    # Where the dictionary is searched: "faiss" (faiss_path) or "milvus" (options as JSON).
+    dictionary_store: Mapped[str] = mapped_column(String(16), server_default="faiss")
+    dictionary_options: Mapped[str | None] = mapped_column(Text)
     # Approximate search tuned to a recall target: parameter, value and what it achieved.
     search_parameter: Mapped[str | None] = mapped_column(String(32))
     search_value: Mapped[int | None] = mapped_column(Integer)
@@ -186,3 +189,43 @@ class CalibrationScores(Base):
     lam: Mapped[float]
     sample_count: Mapped[int] = mapped_column(Integer)
     sorted_scores: Mapped[bytes]  # float64 [sample_count], ascending, little-endian
+
+
+class VersionLease(Base):
+    """A running server's claim on a version it serves (or is loading, or draining).
+
+    Renewed every poll interval; a lease whose ``expires_at`` has passed belongs to a
+    server that stopped renewing it (crashed, or cut off from the store) and counts for
+    nothing. ``bliss index delete`` refuses a version with a live lease.
+    """
+
+    __tablename__ = "version_leases"
+    __table_args__ = (Index("ix_version_leases_server_id", "server_id"),)
+
+    version_id: Mapped[int] = mapped_column(
+        ForeignKey("index_versions.id", ondelete="CASCADE"), primary_key=True
+    )
+    server_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    acquired_at: Mapped[datetime]
+    renewed_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+
+
+class BuildLock(Base):
+    """Who builds (name, fingerprint) right now, so identical builds do the work once.
+
+    On SQLite this row *is* the lock (taken over when its owner is dead or silent); on
+    PostgreSQL the lock is a session advisory lock and the row only says who holds it.
+    """
+
+    __tablename__ = "build_locks"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64))  # random token of the holding process
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    acquired_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]

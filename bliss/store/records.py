@@ -18,7 +18,7 @@ import numpy as np
 from bliss.class_statistics import ClassMoments
 from bliss.errors import InvalidInputError
 from bliss.recall_tuning import SearchTuning
-from bliss.store.models import IndexVersion, NormalClass
+from bliss.store.models import BuildLock, IndexVersion, NormalClass, VersionLease
 
 
 class VersionState(str, Enum):
@@ -72,6 +72,8 @@ class VersionRecord:
     artifacts_checksum: str | None = None
     parent_version_id: int | None = None
     search_tuning: SearchTuning | None = None
+    dictionary_store: str = "faiss"  # or "milvus": see dictionary_options
+    dictionary_options: str | None = None  # MilvusDictionaryOptions as JSON
 
     @property
     def label(self) -> str:
@@ -101,6 +103,31 @@ class ClassRecord:
         )
 
 
+@dataclass(frozen=True)
+class LeaseRecord:
+    """A server's lease on a version: who holds it, since when, until when unless renewed."""
+
+    version_id: int
+    server_id: str
+    host: str
+    pid: int
+    acquired_at: datetime
+    renewed_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class BuildLockRecord:
+    """Who holds the build lock of (name, fingerprint), and when it last said so."""
+
+    name: str
+    fingerprint: str
+    host: str
+    pid: int
+    acquired_at: datetime
+    heartbeat_at: datetime
+
+
 def version_record(row: IndexVersion) -> VersionRecord:
     tuning = None
     if row.search_parameter is not None:
@@ -117,11 +144,12 @@ def version_record(row: IndexVersion) -> VersionRecord:
         dictionary_size=row.dictionary_size, faiss_path=row.faiss_path,
         faiss_kind=row.faiss_kind, faiss_checksum=row.faiss_checksum,
         default_k=row.default_k, default_lambda=row.default_lambda, eps=row.eps,
-        build_fingerprint=row.build_fingerprint, created_at=_utc(row.created_at),
-        ready_at=_utc(row.ready_at), activated_at=_utc(row.activated_at),
+        build_fingerprint=row.build_fingerprint, created_at=utc(row.created_at),
+        ready_at=_utc_or_none(row.ready_at), activated_at=_utc_or_none(row.activated_at),
         statistics_mode=StatisticsMode(row.statistics_mode or "table"),
         artifacts_checksum=row.artifacts_checksum, parent_version_id=row.parent_version_id,
-        search_tuning=tuning,
+        search_tuning=tuning, dictionary_store=row.dictionary_store or "faiss",
+        dictionary_options=row.dictionary_options,
     )  # fmt: skip
 
 
@@ -179,6 +207,21 @@ def class_record(row: NormalClass) -> ClassRecord:
     )  # fmt: skip
 
 
+def lease_record(row: VersionLease) -> LeaseRecord:
+    return LeaseRecord(
+        version_id=row.version_id, server_id=row.server_id, host=row.host, pid=row.pid,
+        acquired_at=utc(row.acquired_at), renewed_at=utc(row.renewed_at),
+        expires_at=utc(row.expires_at),
+    )  # fmt: skip
+
+
+def build_lock_record(row: BuildLock) -> BuildLockRecord:
+    return BuildLockRecord(
+        name=row.name, fingerprint=row.fingerprint, host=row.host, pid=row.pid,
+        acquired_at=utc(row.acquired_at), heartbeat_at=utc(row.heartbeat_at),
+    )  # fmt: skip
+
+
 def _finite_array(what: str, values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     array = np.asarray(values)
     if array.shape != shape:
@@ -188,10 +231,12 @@ def _finite_array(what: str, values: np.ndarray, shape: tuple[int, ...]) -> np.n
     return array
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    # SQLite returns naive datetimes; they were written as UTC.
-    if value is None:
-        return None
+def utc(value: datetime) -> datetime:
+    """``value`` as an aware UTC datetime (SQLite returns naive ones, written as UTC)."""
     if value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
     return value.astimezone(timezone.utc)
+
+
+def _utc_or_none(value: datetime | None) -> datetime | None:
+    return None if value is None else utc(value)

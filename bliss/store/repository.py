@@ -17,28 +17,22 @@ import math
 import re
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import PurePath
 from types import TracebackType
 
 import numpy as np
-from sqlalchemy import Engine, delete, func, select, text
-from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import delete, func, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from bliss.calibration import Calibration
 from bliss.errors import InvalidInputError, NotFoundError, StoreError
 from bliss.recall_tuning import SearchTuning
 from bliss.scoring import ScoringMode
 from bliss.store import bulk_load
-from bliss.store.database import (
-    WRITE_OPTIONS,
-    create_store_engine,
-    display_url,
-    prepare_schema,
-    store_operational_error,
-)
+from bliss.store.build_locks import BuildLocks
+from bliss.store.database import create_store_engine, display_url, prepare_schema
+from bliss.store.leases import VersionLeases, live_leases_of, version_in_use
 from bliss.store.models import (
     CalibrationScores,
     DictionaryEntry,
@@ -48,6 +42,7 @@ from bliss.store.models import (
 )
 from bliss.store.records import (
     ClassRecord,
+    LeaseRecord,
     StatisticsMode,
     VersionRecord,
     VersionState,
@@ -55,6 +50,7 @@ from bliss.store.records import (
     class_rows,
     version_record,
 )
+from bliss.store.sessions import utc_now
 
 _INT32_MAX = 2**31 - 1
 _CREATE_ATTEMPTS = 5  # backstop: creators that still collide retry
@@ -64,15 +60,12 @@ _SHOWN_MISSING = 10  # positions quoted in a NotFoundError
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class Store:
-    """Queries and writes of the statistics store; open with :meth:`Store.open`."""
+class Store(VersionLeases, BuildLocks):
+    """Queries and writes of the statistics store; open with :meth:`Store.open`.
 
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self._read_sessions = sessionmaker(engine, expire_on_commit=False)
-        self._write_sessions = sessionmaker(
-            engine.execution_options(**WRITE_OPTIONS), expire_on_commit=False
-        )
+    Version leases and build locks are in :mod:`bliss.store.leases` and
+    :mod:`bliss.store.build_locks`.
+    """
 
     @classmethod
     def open(cls, url: str, *, migrate: bool = False) -> Store:
@@ -189,7 +182,7 @@ class Store:
             newest = session.scalar(
                 select(func.max(IndexVersion.version)).where(IndexVersion.name == fields["name"])
             )
-            row = IndexVersion(**fields, version=(newest or 0) + 1, created_at=_now())
+            row = IndexVersion(**fields, version=(newest or 0) + 1, created_at=utc_now())
             session.add(row)
             session.flush()
             return version_record(row)
@@ -257,6 +250,15 @@ class Store:
             row = _building_row(session, version_id, "recording the serving artifacts")
             row.artifacts_checksum = checksum
 
+    def set_dictionary_store(self, version_id: int, store: str, options: str) -> None:
+        """Record that the version's dictionary is searched in ``store`` (``milvus``),
+        with ``options`` (JSON) saying where and how."""
+        if store != "milvus":
+            raise InvalidInputError(f"unknown dictionary store {store!r}: expected milvus")
+        with self._writing() as session:
+            row = _building_row(session, version_id, "recording the dictionary store")
+            row.dictionary_store, row.dictionary_options = store, options
+
     def set_search_tuning(self, version_id: int, tuning: SearchTuning) -> None:
         """Record the recall-tuned search parameter and what it measured."""
         _check_short("search parameter", tuning.parameter)
@@ -294,7 +296,7 @@ class Store:
                     + ". Finish the build (rerun the indexer; its stages resume)."
                 )
             row.state = VersionState.READY.value
-            row.ready_at = _now()
+            row.ready_at = utc_now()
             if session.get_bind().dialect.name == "postgresql":
                 # Bulk loads leave the planner's estimates stale; with them it scans the
                 # whole version instead of the primary key for a gather (measured 8x).
@@ -332,12 +334,16 @@ class Store:
                     version.state = VersionState.RETIRED.value
             session.flush()  # retire first: the database allows one active per name
             row.state = VersionState.ACTIVE.value
-            row.activated_at = _now()
+            row.activated_at = utc_now()
             session.flush()
             return version_record(row)
 
-    def delete_version(self, version_id: int) -> None:
-        """Delete a version and its rows (not its FAISS file); the active one is refused."""
+    def delete_version(self, version_id: int, *, force: bool = False) -> list[LeaseRecord]:
+        """Delete a version and its rows (not its FAISS file); the active one is refused.
+
+        So is one that running servers still serve (VersionInUseError), unless ``force``;
+        returns the live leases that ``force`` overrode.
+        """
         with self._writing() as session:
             row = _version_row(session, version_id, lock=True)
             if row.state == VersionState.ACTIVE.value:
@@ -345,8 +351,12 @@ class Store:
                     f"index {_label(row)} is active and cannot be deleted: activate another "
                     "version of it first"
                 )
+            overridden = live_leases_of(session, row.id)
+            if overridden and not force:
+                raise version_in_use(row, overridden)
             session.execute(delete(EntryStatistic).where(EntryStatistic.version_id == version_id))
             session.execute(delete(IndexVersion).where(IndexVersion.id == version_id))
+        return overridden
 
     # ------------------------------------------------------------------ classes
 
@@ -589,30 +599,8 @@ class Store:
                 },
             )
 
-    # ------------------------------------------------------------------ helpers
-
-    @contextmanager
-    def _reading(self) -> Iterator[Session]:
-        try:
-            with self._read_sessions() as session, session.begin():
-                yield session
-        except OperationalError as error:
-            raise store_operational_error(self._engine, error) from error
-
-    @contextmanager
-    def _writing(self) -> Iterator[Session]:
-        try:
-            with self._write_sessions() as session, session.begin():
-                yield session
-        except OperationalError as error:
-            raise store_operational_error(self._engine, error) from error
-
 
 # --------------------------------------------------------------------- module helpers
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def _lock_key(name: str) -> int:
@@ -682,11 +670,16 @@ def _completeness_problems(session: Session, row: IndexVersion) -> list[str]:
         .select_from(DictionaryEntry)
         .where(DictionaryEntry.version_id == row.id)
     )
-    if n_entries != row.dictionary_size:
+    searched_in_milvus = row.dictionary_store == "milvus"
+    if searched_in_milvus:
+        # Milvus holds the entries' texts and vectors: no entry rows here.
+        if row.dictionary_options is None:
+            problems.append("no Milvus collection recorded")
+    elif n_entries != row.dictionary_size:
         problems.append(f"{n_entries} of {row.dictionary_size} dictionary entries written")
     if row.statistics_mode == StatisticsMode.MOMENTS.value:
         # Moments-mode versions score from the classes' moments: no per-entry rows.
-        if row.faiss_checksum is None:
+        if row.faiss_checksum is None and not searched_in_milvus:
             problems.append("no FAISS file recorded")
         return problems
     per_class = dict(
@@ -708,7 +701,7 @@ def _completeness_problems(session: Session, row: IndexVersion) -> list[str]:
             f"classes x {row.dictionary_size} entries; incomplete or unknown classes: "
             f"{_quote_positions(incomplete)})"
         )
-    if row.faiss_checksum is None:
+    if row.faiss_checksum is None and not searched_in_milvus:
         problems.append("no FAISS file recorded")
     return problems
 
