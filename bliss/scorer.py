@@ -12,6 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
+from bliss import tracing
 from bliss.calibration import Calibration
 from bliss.class_statistics import StatisticsTable, stacked_moment_statistics
 from bliss.errors import InvalidInputError
@@ -219,24 +220,27 @@ class Scorer:
         k = self.defaults.k if k is None else k
         lam = self.defaults.lam if lam is None else lam
         queries = normalised_embeddings(embeddings, self.dim)
-        top_similarities, top_ids = self.index.search(queries, k)
-        top_mean, top_std = self.statistics.gather(top_ids)
-        batch = score_batch(
-            label_similarities=self._label_similarities(queries),
-            label_mean=self.classes.label_mean,
-            label_std=self.classes.label_std,
-            top_entry_ids=top_ids,
-            top_similarities=top_similarities,
-            top_entry_mean=top_mean,
-            top_entry_std=top_std,
-            mode=mode,
-            lam=lam,
-            eps=self.defaults.eps,
-        )
-        if self.calibration is None:
-            return batch
-        quantiles = self.calibration.normal_quantiles(batch.score, mode=mode, k=k, lam=lam)
-        return replace(batch, normal_quantile=quantiles)
+        with tracing.span("search", {"bliss.items": len(queries), "bliss.k": k}):
+            top_similarities, top_ids = self.index.search(queries, k)
+        with tracing.span("gather", {"bliss.source": self.statistics.source}):
+            top_mean, top_std = self.statistics.gather(top_ids)
+        with tracing.span("score", {"bliss.mode": mode.value}):
+            batch = score_batch(
+                label_similarities=self._label_similarities(queries),
+                label_mean=self.classes.label_mean,
+                label_std=self.classes.label_std,
+                top_entry_ids=top_ids,
+                top_similarities=top_similarities,
+                top_entry_mean=top_mean,
+                top_entry_std=top_std,
+                mode=mode,
+                lam=lam,
+                eps=self.defaults.eps,
+            )
+            if self.calibration is None:
+                return batch
+            quantiles = self.calibration.normal_quantiles(batch.score, mode=mode, k=k, lam=lam)
+            return replace(batch, normal_quantile=quantiles)
 
     def _label_similarities(self, queries: np.ndarray) -> np.ndarray:
         """sim(z, C_i) [B, N] in float64.

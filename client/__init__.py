@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from bliss.client.async_client import AsyncBlissClient
     from bliss.client.connection import USE_CLIENT_DEFAULT, TlsConfig
-    from bliss.client.messages import Batch, FieldViolation, IndexInfo, ScoringServiceError
+    from bliss.client.messages import Batch, FieldViolation, ScoringServiceError
     from bliss.client.sync_client import BlissClient
+    from bliss.index_version_info import IndexInfo
     from bliss.scored_item import ScoredItem, TopEntry
 
 # Imported on first use: `bliss <any command>` imports bliss.client.commands, and grpc plus
@@ -30,7 +31,7 @@ _EXPORTS = {
     "Batch": "bliss.client.messages",
     "BlissClient": "bliss.client.sync_client",
     "FieldViolation": "bliss.client.messages",
-    "IndexInfo": "bliss.client.messages",
+    "IndexInfo": "bliss.index_version_info",
     "ScoredItem": "bliss.scored_item",
     "ScoringServiceError": "bliss.client.messages",
     "TlsConfig": "bliss.client.connection",

@@ -25,14 +25,15 @@ from bliss.client.connection import (
 from bliss.client.messages import (
     Batch,
     ImageInput,
-    IndexInfo,
-    ScoringOptions,
     ScoringServiceError,
     score_request,
     scored_items,
 )
 from bliss.client.sync_client import DEFAULT_TIMEOUT_S
+from bliss.index_version_info import IndexInfo
 from bliss.scored_item import ScoredItem
+from bliss.scoring import ScoringMode
+from bliss.scoring_options import ScoringOptions
 from bliss.v1 import scorer_pb2, scorer_pb2_grpc
 
 
@@ -81,7 +82,9 @@ class AsyncBlissClient:
         timeout_s: Timeout = USE_CLIENT_DEFAULT,
     ) -> list[ScoredItem]:
         """Score embeddings [B, D] and/or images (bytes or file paths); one item each, in order."""
-        options = ScoringOptions(index, mode, k, lam, class_scores, top_entries).to_proto()
+        options = ScoringOptions(
+            index, ScoringMode.parse(mode), k, lam, class_scores, top_entries
+        ).to_proto()
         request = score_request(Batch(embeddings, images, ids), options)
         return scored_items(await self._call(self._scorer.Score, request, timeout_s))
 
@@ -101,7 +104,9 @@ class AsyncBlissClient:
 
         ``timeout_s`` bounds the whole stream (default: none).
         """
-        options = ScoringOptions(index, mode, k, lam, class_scores, top_entries).to_proto()
+        options = ScoringOptions(
+            index, ScoringMode.parse(mode), k, lam, class_scores, top_entries
+        ).to_proto()
 
         async def requests() -> AsyncIterator[scorer_pb2.ScoreRequest]:
             if isinstance(batches, AsyncIterable):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from os import PathLike
 from pathlib import Path
 
@@ -22,11 +21,6 @@ from bliss.scored_item import ScoredItem, TopEntry
 from bliss.v1 import scorer_pb2
 
 ImageInput = bytes | str | PathLike
-MODES = {
-    "bliss": scorer_pb2.SCORING_MODE_BLISS,
-    "ic": scorer_pb2.SCORING_MODE_IC,
-    "ic_raw": scorer_pb2.SCORING_MODE_IC_RAW,
-}
 
 
 @dataclass(frozen=True)
@@ -87,94 +81,6 @@ class Batch:
     embeddings: np.ndarray | Sequence[np.ndarray] | None = None
     images: Sequence[ImageInput] | None = None
     ids: Sequence[str] | None = None
-
-
-@dataclass(frozen=True)
-class ScoringOptions:
-    index: str = ""
-    mode: str = "bliss"
-    k: int | None = None
-    lam: float | None = None
-    class_scores: bool = False
-    top_entries: bool = True
-
-    def to_proto(self) -> scorer_pb2.ScoreOptions:
-        if self.mode not in MODES:
-            raise InvalidInputError(
-                f"unknown scoring mode {self.mode!r}: use one of {', '.join(MODES)}"
-            )
-        options = scorer_pb2.ScoreOptions(
-            index=self.index,
-            mode=MODES[self.mode],
-            return_class_scores=self.class_scores,
-            return_top_entries=self.top_entries,
-        )
-        if self.k is not None:
-            if self.k < 1:
-                raise InvalidInputError(f"K must be at least 1, got {self.k}")
-            options.k = self.k
-        if self.lam is not None:
-            options.lambda_weight = self.lam
-        return options
-
-
-@dataclass(frozen=True)
-class IndexInfo:
-    """The version of an index that a server is serving."""
-
-    name: str
-    version: int
-    label: str
-    model_name: str
-    model_weights: str
-    embedding_dim: int
-    prompt_template: str
-    dictionary_source: str
-    dictionary_size: int
-    faiss_kind: str
-    classes: tuple[str, ...]
-    default_k: int
-    default_lambda: float
-    eps: float
-    accepts_images: bool
-    images_unavailable_reason: str
-    calibrated: bool
-    statistics_source: str
-    created_at: datetime | None
-    activated_at: datetime | None
-    loaded_at: datetime | None
-
-    @classmethod
-    def from_proto(cls, info: scorer_pb2.IndexInfo) -> IndexInfo:
-        return cls(
-            name=info.name,
-            version=info.version,
-            label=info.label,
-            model_name=info.model_name,
-            model_weights=info.model_weights,
-            embedding_dim=info.embedding_dim,
-            prompt_template=info.prompt_template,
-            dictionary_source=info.dictionary_source,
-            dictionary_size=info.dictionary_size,
-            faiss_kind=info.faiss_kind,
-            classes=tuple(info.classes),
-            default_k=info.defaults.k,
-            default_lambda=info.defaults.lambda_weight,
-            eps=info.defaults.eps,
-            accepts_images=info.accepts_images,
-            images_unavailable_reason=info.images_unavailable_reason,
-            calibrated=info.calibrated,
-            statistics_source=info.statistics_source,
-            created_at=_datetime(info, "created_at"),
-            activated_at=_datetime(info, "activated_at"),
-            loaded_at=_datetime(info, "loaded_at"),
-        )
-
-
-def _datetime(info: scorer_pb2.IndexInfo, field: str) -> datetime | None:
-    if not info.HasField(field):
-        return None
-    return getattr(info, field).ToDatetime(tzinfo=timezone.utc)
 
 
 def score_request(batch: Batch, options: scorer_pb2.ScoreOptions) -> scorer_pb2.ScoreRequest:

@@ -26,13 +26,14 @@ from bliss.client.connection import (
 from bliss.client.messages import (
     Batch,
     ImageInput,
-    IndexInfo,
-    ScoringOptions,
     ScoringServiceError,
     score_request,
     scored_items,
 )
+from bliss.index_version_info import IndexInfo
 from bliss.scored_item import ScoredItem
+from bliss.scoring import ScoringMode
+from bliss.scoring_options import ScoringOptions
 from bliss.v1 import scorer_pb2, scorer_pb2_grpc
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -86,7 +87,9 @@ class BlissClient:
         timeout_s: Timeout = USE_CLIENT_DEFAULT,
     ) -> list[ScoredItem]:
         """Score embeddings [B, D] and/or images (bytes or file paths); one item each, in order."""
-        options = ScoringOptions(index, mode, k, lam, class_scores, top_entries).to_proto()
+        options = ScoringOptions(
+            index, ScoringMode.parse(mode), k, lam, class_scores, top_entries
+        ).to_proto()
         request = score_request(Batch(embeddings, images, ids), options)
         return scored_items(self._call(self._scorer.Score, request, timeout_s))
 
@@ -106,7 +109,9 @@ class BlissClient:
 
         ``timeout_s`` bounds the whole stream (default: none).
         """
-        options = ScoringOptions(index, mode, k, lam, class_scores, top_entries).to_proto()
+        options = ScoringOptions(
+            index, ScoringMode.parse(mode), k, lam, class_scores, top_entries
+        ).to_proto()
         requests = (score_request(batch, options) for batch in batches)
         responses = self._scorer.ScoreStream(
             requests, timeout=self._timeout(timeout_s), metadata=self._metadata

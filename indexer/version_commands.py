@@ -243,27 +243,15 @@ def version_ref(
 
 
 def _version_json(version: VersionRecord) -> dict:
+    """The public fields every client sees, then what only the store knows."""
     return {
-        "name": version.name,
-        "version": version.version,
-        "label": version.label,
+        **version.info().to_dict(),
         "state": version.state.value,
-        "model": version.model_name,
-        "weights": version.model_weights,
-        "embedding_dim": version.embedding_dim,
-        "prompt_template": version.prompt_template,
-        "dictionary_source": version.dictionary_source,
-        "dictionary_size": version.dictionary_size,
-        "faiss_kind": version.faiss_kind,
         "faiss_path": version.faiss_path,
         "statistics_mode": version.statistics_mode.value,
         "serving_artifacts": "yes" if version.artifacts_checksum else "no (store rows)",
         "extends": version.parent_version_id,
         "search_tuning": _tuning_json(version),
-        "default_k": version.default_k,
-        "default_lambda": version.default_lambda,
-        "created_at": version.created_at.isoformat(),
-        "activated_at": version.activated_at.isoformat() if version.activated_at else None,
     }
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from bliss import tracing
 from bliss.server.status_codes import EncodingFailedError
 
 if TYPE_CHECKING:
@@ -70,14 +71,16 @@ class EncodeBatcher:
         queue = deque(pending)
         self._turns.append(queue)
         self._arrived.set()
-        try:
-            rows = await asyncio.gather(*(item.result for item in pending))
-        finally:
-            for item in pending:
-                item.result.cancel()  # no-op for finished ones
-            if queue:  # a failed or cancelled request: its images are not encoded
-                queue.clear()
-                self._turns.remove(queue)
+        # The request's wait for its images' micro-batches (shared with other requests).
+        with tracing.span("encode", {"bliss.images": len(pixels), "bliss.encoder": self.name}):
+            try:
+                rows = await asyncio.gather(*(item.result for item in pending))
+            finally:
+                for item in pending:
+                    item.result.cancel()  # no-op for finished ones
+                if queue:  # a failed or cancelled request: its images are not encoded
+                    queue.clear()
+                    self._turns.remove(queue)
         return np.stack(rows)
 
     async def close(self) -> None:

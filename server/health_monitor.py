@@ -273,15 +273,24 @@ class HealthMonitor:
         problems = await asyncio.to_thread(_compare_all, served)
         for index, problem in zip(served, problems, strict=True):
             detail = None if problem is None else problem.detail
+            in_milvus = index.version.dictionary_store == "milvus"
             if detail is not None and index.problem is None:
                 logger.error(
-                    "health: %s is NOT_SERVING: %s; its scoring calls get UNAVAILABLE until "
-                    "this is repaired",
+                    "health: %s is NOT_SERVING, %s: %s; its scoring calls get UNAVAILABLE until %s",
                     index.label,
+                    "its dictionary store fails"
+                    if in_milvus
+                    else "its files changed since it was loaded",
                     detail,
+                    "Milvus answers again" if in_milvus else "they are restored",
                 )
             elif detail is None and index.problem is not None:
-                logger.warning("health: %s is usable again; SERVING", index.label)
+                logger.warning(
+                    "health: %s; SERVING",
+                    f"the Milvus collection of {index.label} answers again"
+                    if in_milvus
+                    else f"the files of {index.label} are back as loaded",
+                )
             index.problem = detail
             if problem is not None and not problem.missing:
                 self._reload_once(index, problem.seen)

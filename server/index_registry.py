@@ -179,13 +179,13 @@ class IndexRegistry:
             )
         if served.problem is not None:
             what = (
-                "its Milvus collection cannot be searched"
+                f"the Milvus collection of {served.label} cannot be searched"
                 if served.version.dictionary_store == "milvus"
-                else "its files changed or went missing since it was loaded"
+                else f"the files of {served.label} changed or went missing since it was loaded"
             )
             raise IndexUnavailableError(
-                f"index {served.version.name!r} is not serving on this server: {served.label}: "
-                f"{what} (the server log has the reason); retry on another server"
+                f"index {served.version.name!r} is not serving on this server: {what} (its log "
+                "has the reason); retry on another server"
             )
 
     # ------------------------------------------------------------------ health

@@ -1,4 +1,5 @@
-"""Prometheus metrics of one server: calls, latency, batch sizes, errors, loaded versions.
+"""Prometheus metrics of one server: calls, latency, batch sizes, errors, loaded versions,
+and the standard process, platform and garbage collector metrics.
 
 Each server has its own registry (several servers in one test process must not share
 counters); ``bliss serve`` exposes it over HTTP on the metrics port.
@@ -9,7 +10,16 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -39,6 +49,11 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # What prometheus_client's default registry would show (process_*, python_info,
+        # python_gc_*): this registry is the server's own, so it registers them itself.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self.requests = Counter(
             "bliss_requests",
             "Finished calls (a stream counts each request message), by method and status code.",

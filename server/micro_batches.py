@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 from sqlalchemy.exc import SQLAlchemyError
 
 from bliss.errors import BlissError, StoreError
+from bliss.scoring_options import ScoringOptions
 from bliss.server.request_limits import non_finite_error, non_finite_rows
-from bliss.server.scoring_requests import ParsedItems, ScoringOptions, build_response
+from bliss.server.scoring_requests import ParsedItems, build_response
 from bliss.server.status_codes import IndexReadError, store_failure
 from bliss.v1 import scorer_pb2
 

@@ -27,11 +27,13 @@ from bliss.server.allocator_tuning import keep_freed_buffers
 from bliss.server.auth import BearerTokenInterceptor
 from bliss.server.health_monitor import HealthMonitor
 from bliss.server.index_registry import IndexRegistry
+from bliss.server.inference_protocol import INFERENCE_SERVICE, InferenceProtocolService
 from bliss.server.metrics import MetricsEndpoint, ServerMetrics
 from bliss.server.reflection import enable_reflection
 from bliss.server.scoring_service import SCORER_SERVICE, AnomalyScorerService
 from bliss.server.settings import ServerSettings
 from bliss.server.status_codes import store_failure
+from bliss.server.tracing import Tracing, start_tracing
 from bliss.store import Store
 from bliss.store.database import redact_url
 
@@ -57,6 +59,7 @@ class BlissServer:
         self._monitor: HealthMonitor | None = None
         self._health_checks: asyncio.Task | None = None
         self._metrics_endpoint: MetricsEndpoint | None = None
+        self.tracing: Tracing | None = None
         self._stopped: asyncio.Event | None = None
         self._serving = False  # the port is open: a start-up failure stops without a word
         self.health = health.aio.HealthServicer()
@@ -84,6 +87,9 @@ class BlissServer:
         logger.info("BLAS kernels: %s", describe_blas())
         if settings.malloc_tuning:
             keep_freed_buffers()
+        # Before anything is served, and before the store opens: a missing extra is a
+        # one-line configuration error, not a half-started server.
+        self.tracing = start_tracing(settings)
         self._store = _open_store(settings.resolved_store_url)
         self._registry = IndexRegistry(self._store, settings, self.metrics, self.health)
         await self._registry.refresh()
@@ -102,10 +108,17 @@ class BlissServer:
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         self._service = AnomalyScorerService(self.registry, settings, self.metrics)
-        self._server.add_generic_rpc_handlers((self._service.method_handlers(),))
+        # The Open Inference Protocol (KServe v2) on the same port, scoring through the
+        # native service so both share validation, scheduling, limits and metrics.
+        inference = InferenceProtocolService(self._service, self.registry)
+        self._server.add_generic_rpc_handlers(
+            (self._service.method_handlers(), inference.method_handlers())
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if settings.reflection:
-            enable_reflection(self._server, (SCORER_SERVICE, health.SERVICE_NAME))
+            enable_reflection(
+                self._server, (SCORER_SERVICE, INFERENCE_SERVICE, health.SERVICE_NAME)
+            )
         self.port = self._bind(credentials)
         await self._server.start()
         self._serving = True
@@ -188,6 +201,8 @@ class BlissServer:
             self._metrics_endpoint.close()
         if self._store is not None:
             self._store.close()
+        if self.tracing is not None:
+            self.tracing.close()  # exports the spans still batched
         self._stopped.set()
         if self._serving:
             logger.info("stopped")

@@ -15,7 +15,8 @@ import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 from bliss.scorer import Scorer
-from bliss.scoring import ScoreBatch, ScoringMode
+from bliss.scoring import ScoreBatch
+from bliss.scoring_options import ScoringOptions, mode_from_proto
 from bliss.server.error_details import (
     BadRequestError,
     FieldViolation,
@@ -35,12 +36,6 @@ from bliss.server.request_limits import (
 from bliss.server.status_codes import BatchTooLargeError
 from bliss.v1 import scorer_pb2
 
-_MODES = {
-    scorer_pb2.SCORING_MODE_UNSPECIFIED: ScoringMode.BLISS,
-    scorer_pb2.SCORING_MODE_BLISS: ScoringMode.BLISS,
-    scorer_pb2.SCORING_MODE_IC: ScoringMode.IC,
-    scorer_pb2.SCORING_MODE_IC_RAW: ScoringMode.IC_RAW,
-}
 _FLOAT32_LE = np.dtype("<f4")
 # A text of at most this many characters is within ENTRY_TEXT_MAX_BYTES whatever they are.
 _UNCLIPPED_CHARS = ENTRY_TEXT_MAX_BYTES // 4
@@ -56,18 +51,8 @@ def parse_message(raw: bytes, message_type: type[MessageT]) -> MessageT:
         name = message_type.DESCRIPTOR.full_name
         raise BadRequestError(
             f"the request is not a valid {name} message ({len(raw):,} bytes that do not parse "
-            "as protobuf): build it from proto/bliss/v1/scorer.proto"
+            f"as protobuf): build it from proto/{message_type.DESCRIPTOR.file.name}"
         ) from None
-
-
-@dataclass(frozen=True)
-class ScoringOptions:
-    mode: ScoringMode
-    k: int | None  # None: the version's default
-    effective_k: int  # what the scorer will use, for the response budget
-    lam: float | None
-    class_scores: bool
-    top_entries: bool
 
 
 @dataclass
@@ -81,7 +66,7 @@ class ParsedItems:
 
 
 def parse_options(options: scorer_pb2.ScoreOptions, scorer: Scorer, max_k: int) -> ScoringOptions:
-    mode = _MODES.get(options.mode)
+    mode = mode_from_proto(options.mode)
     if mode is None:
         raise BadRequestError(
             f"unknown scoring mode {options.mode}: use SCORING_MODE_BLISS, SCORING_MODE_IC or "
@@ -102,9 +87,9 @@ def parse_options(options: scorer_pb2.ScoreOptions, scorer: Scorer, max_k: int) 
     if lam is not None:
         check_lambda(lam)
     return ScoringOptions(
+        index=options.index,
         mode=mode,
         k=k,
-        effective_k=scorer.defaults.k if k is None else k,
         lam=lam,
         class_scores=options.return_class_scores,
         top_entries=options.return_top_entries,

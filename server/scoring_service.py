@@ -27,6 +27,7 @@ from contextlib import asynccontextmanager, contextmanager
 import grpc
 import numpy as np
 
+from bliss import tracing
 from bliss.errors import BlissError, InvalidInputError, StoreError
 from bliss.server.error_details import (
     describe_item,
@@ -54,6 +55,7 @@ from bliss.server.status_codes import (
     ImagesUnavailableError,
     status_code_for,
 )
+from bliss.server.tracing import rpc_span
 from bliss.store.database import redact_url
 from bliss.v1 import scorer_pb2
 
@@ -115,9 +117,8 @@ class AnomalyScorerService:
     async def Score(  # noqa: N802 (gRPC method name)
         self, raw: bytes, context: grpc.aio.ServicerContext
     ) -> scorer_pb2.ScoreResponse:
-        async with self._status_on_error(context, "Score"):
-            with self._measured("Score", context):
-                return await self._score(parse_message(raw, scorer_pb2.ScoreRequest))
+        async with self.serving(context, "Score"):
+            return await self.score(parse_message(raw, scorer_pb2.ScoreRequest))
 
     async def ScoreStream(  # noqa: N802 (gRPC method name)
         self, raw_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -149,7 +150,7 @@ class AnomalyScorerService:
         self, raw: bytes, context: grpc.aio.ServicerContext
     ) -> scorer_pb2.IndexInfo:
         async with self._status_on_error(context, "GetIndexInfo"):
-            with self._measured("GetIndexInfo", context):
+            with rpc_span("GetIndexInfo", context), self._measured("GetIndexInfo", context):
                 request = parse_message(raw, scorer_pb2.GetIndexInfoRequest)
                 return index_info(self._registry.resolve(request.index))
 
@@ -157,14 +158,23 @@ class AnomalyScorerService:
         self, raw: bytes, context: grpc.aio.ServicerContext
     ) -> scorer_pb2.ListIndexesResponse:
         async with self._status_on_error(context, "ListIndexes"):
-            with self._measured("ListIndexes", context):
+            with rpc_span("ListIndexes", context), self._measured("ListIndexes", context):
                 parse_message(raw, scorer_pb2.ListIndexesRequest)
                 served = self._registry.served_indexes()
                 return scorer_pb2.ListIndexesResponse(indexes=[index_info(s) for s in served])
 
-    # ------------------------------------------------------------------ scoring
+    # ------------------------------------------------------------------ shared by front ends
 
-    async def _score(self, request: scorer_pb2.ScoreRequest) -> scorer_pb2.ScoreResponse:
+    @asynccontextmanager
+    async def serving(self, context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
+        """One call of ``method``, of this or another front end (the Open Inference
+        Protocol): counted in the metrics, its errors answered as statuses."""
+        async with self._status_on_error(context, method):
+            with rpc_span(method, context), self._measured(method, context):
+                yield
+
+    async def score(self, request: scorer_pb2.ScoreRequest) -> scorer_pb2.ScoreResponse:
+        """Validate, budget and score one request: the path every front end takes."""
         self._metrics.inflight.inc()
         try:
             with (
@@ -172,7 +182,16 @@ class AnomalyScorerService:
                 self._scoring.lane() as lane,
             ):
                 parsed, options, response = await self._scoring.run(
-                    lane, self._parse_and_score_small, request, served
+                    lane, tracing.carried(self._parse_and_score_small), request, served
+                )
+                tracing.annotate(
+                    {
+                        "bliss.index": served.version.name,
+                        "bliss.version": served.version.version,
+                        "bliss.items": len(parsed.ids),
+                        "bliss.k": options.effective_k(served.scorer.defaults.k),
+                        "bliss.mode": options.mode.value,
+                    }
                 )
                 if response is None:
                     if parsed.image_positions:
@@ -196,7 +215,10 @@ class AnomalyScorerService:
             request.items, served.scorer.dim, served.label, settings.max_batch_items
         )
         shape = ResponseShape(
-            parsed.ids, options.effective_k, options.top_entries, options.class_scores
+            parsed.ids,
+            options.effective_k(served.scorer.defaults.k),
+            options.top_entries,
+            options.class_scores,
         )
         check_response_size(
             shape, served.scorer, served.entry_text_bound, settings.max_message_bytes
@@ -220,7 +242,15 @@ class AnomalyScorerService:
         """Score the rows a micro-batch per turn of the request's lane, then merge."""
         parts = await asyncio.gather(
             *(
-                self._scoring.run(lane, score_rows, served, parsed, options, rows, self._store_url)
+                self._scoring.run(
+                    lane,
+                    tracing.carried(score_rows),
+                    served,
+                    parsed,
+                    options,
+                    rows,
+                    self._store_url,
+                )
                 for rows in row_slices(len(parsed.ids), self._settings.micro_batch_items)
             )
         )
@@ -252,7 +282,10 @@ class AnomalyScorerService:
         assert served.images is not None  # checked while parsing
         preprocess = served.images.encoder.preprocess
         # One image per task, in turns with other requests' images.
-        with self._decoding.lane() as lane:
+        with (
+            tracing.span("decode", {"bliss.images": len(parsed.images)}),
+            self._decoding.lane() as lane,
+        ):
             await self._decoding.run(lane, self._check_image_pixels, parsed)
             decoded = await asyncio.gather(
                 *(
@@ -286,8 +319,9 @@ class AnomalyScorerService:
     async def _score_stream_message(
         self, raw: bytes, context: grpc.aio.ServicerContext
     ) -> scorer_pb2.ScoreResponse:
-        with self._measured("ScoreStream", context):
-            return await self._score(parse_message(raw, scorer_pb2.ScoreRequest))
+        # One span per message, as the metrics count them: a stream may last for hours.
+        with rpc_span("ScoreStream", context), self._measured("ScoreStream", context):
+            return await self.score(parse_message(raw, scorer_pb2.ScoreRequest))
 
     # ------------------------------------------------------------------ errors and metrics
 

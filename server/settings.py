@@ -158,6 +158,11 @@ class ServerSettings(StoreSettings):
     metrics_port: int = Field(
         9464, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one."
     )
+    tracing: bool = Field(
+        False,
+        description="OpenTelemetry traces of every call (the otel extra), sent over OTLP as "
+        "the OTEL_* variables say (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, ...).",
+    )
     log_format: LogFormat = Field("text", description="'text' or 'json' (one object a line).")
     shutdown_delay_s: float = Field(
         0.0,

@@ -276,7 +276,7 @@ def test_health_follows_milvus_down_and_back(world, tmp_path, milvus_server):
                 with pytest.raises(ScoringServiceError) as refused:
                     client.score(embeddings=world.test[:2], index="m")
                 assert refused.value.code == grpc.StatusCode.UNAVAILABLE
-                assert "its Milvus collection cannot be searched" in str(refused.value)
+                assert "the Milvus collection of m@1 cannot be searched" in str(refused.value)
             finally:
                 milvus.send_signal(signal.SIGCONT)
             wait_for_health(client, "m", "SERVING")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bliss.v1 import generate, scorer_pb2
+from bliss.v1 import generate, grpc_predict_v2_pb2, scorer_pb2
 
 
 def test_generated_stubs_are_up_to_date():
@@ -40,3 +40,20 @@ def test_embedding_bytes_are_little_endian_float32():
     decoded = scorer_pb2.Embedding.FromString(wire)
     assert decoded.values == b"\x00\x00\xc0?\x00\x00\x00\xc0\x00\x00P@"
     np.testing.assert_array_equal(np.frombuffer(decoded.values, "<f4"), vector)
+
+
+def test_the_vendored_open_inference_protocol():
+    """grpc_predict_v2.proto is KServe's text: package `inference`, so the service path is the
+    one Triton and KServe clients call; its stubs are among those checked above."""
+    assert {"grpc_predict_v2_pb2.py", "grpc_predict_v2_pb2_grpc.py"} <= {
+        path.name for path in generate.stub_paths(generate.PACKAGE_DIR)
+    }
+    assert (
+        "Licensed under the Apache License"
+        in (generate.PACKAGE_DIR / "grpc_predict_v2.proto").read_text()
+    )
+    service = grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    assert service.full_name == "inference.GRPCInferenceService"
+    assert {"ServerLive", "ServerReady", "ModelReady", "ModelMetadata", "ModelInfer"} <= {
+        method.name for method in service.methods
+    }

@@ -146,6 +146,7 @@ def test_info_health_and_reflection(world, tmp_path):
             services = {s.name for s in answer.list_services_response.service}
             assert services == {
                 "bliss.v1.AnomalyScorer",
+                "inference.GRPCInferenceService",
                 "grpc.health.v1.Health",
                 "grpc.reflection.v1.ServerReflection",
                 "grpc.reflection.v1alpha.ServerReflection",

@@ -238,7 +238,9 @@ def test_the_response_size_bound_is_an_upper_bound(world, server):
     for ids, k, top_entries, class_scores in cases:
         embeddings = rng.normal(size=(len(ids), world.test.shape[1])).astype(np.float32)
         batch = served.scorer.score(embeddings, k=k)
-        options = ScoringOptions(ScoringMode.BLISS, k, k, None, class_scores, top_entries)
+        options = ScoringOptions(
+            mode=ScoringMode.BLISS, k=k, class_scores=class_scores, top_entries=top_entries
+        )
         actual = build_response(batch, served.scorer, ids, options).ByteSize()
         shape = ResponseShape(ids, k, top_entries, class_scores)
         bound = response_size_bound(shape, served.scorer, served.entry_text_bound)

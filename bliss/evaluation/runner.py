@@ -42,11 +42,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SCORE_CHUNK_ROWS = 4096
-_MODES = {
-    Method.IC_RAW: ScoringMode.IC_RAW,
-    Method.IC: ScoringMode.IC,
-    Method.BLISS: ScoringMode.BLISS,
-}
 
 
 @dataclass(frozen=True)
@@ -279,7 +274,9 @@ class _TrialEvaluation:
         dictionary = row.dictionary or self.config.base_dictionary
         k = row.k or self.config.base_k
         lam = row.lam if row.lam is not None else self.config.base_lambda
-        score, internal, external = self._scored(shots, dictionary, _MODES[row.method], k, lam)
+        score, internal, external = self._scored(
+            shots, dictionary, ScoringMode(row.method.value), k, lam
+        )
         return score, (internal, external) if row.method is Method.BLISS else None
 
     def _scored(

@@ -15,7 +15,7 @@ from enum import Enum
 from typing import TypeVar
 
 from bliss.errors import InvalidInputError
-from bliss.scoring import DEFAULT_K, DEFAULT_LAMBDA
+from bliss.scoring import DEFAULT_K, DEFAULT_LAMBDA, ScoringMode
 
 DEFAULT_DN2_K = 5
 DEFAULT_MCM_TEMPERATURE = 1.0
@@ -25,9 +25,10 @@ _Value = TypeVar("_Value")
 
 
 class Method(str, Enum):
-    IC_RAW = "ic_raw"
-    IC = "ic"
-    BLISS = "bliss"
+    # The scorer's own modes under their ScoringMode names, then the paper's baselines.
+    IC_RAW = ScoringMode.IC_RAW.value
+    IC = ScoringMode.IC.value
+    BLISS = ScoringMode.BLISS.value
     MCM = "mcm"
     DN2 = "dn2"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from enum import Enum
 
@@ -17,6 +17,7 @@ import numpy as np
 
 from bliss.class_statistics import ClassMoments
 from bliss.errors import InvalidInputError
+from bliss.index_version_info import IndexVersionInfo
 from bliss.recall_tuning import SearchTuning
 from bliss.store.models import BuildLock, IndexVersion, NormalClass, VersionLease
 
@@ -79,6 +80,12 @@ class VersionRecord:
     def label(self) -> str:
         """``name@version``, how messages and logs name a version."""
         return f"{self.name}@{self.version}"
+
+    def info(self) -> IndexVersionInfo:
+        """The public description of this version, as clients and JSON outputs see it."""
+        return IndexVersionInfo(
+            **{field.name: getattr(self, field.name) for field in fields(IndexVersionInfo)}
+        )
 
 
 # eq=False: the generated __eq__ would compare arrays element-wise and raise.

@@ -6,6 +6,12 @@
 Needs grpcio-tools (a dev dependency, pinned so the output is byte-for-byte reproducible).
 The include root is the folder holding ``bliss/``, so the stubs import each other as
 ``bliss.v1.*`` with no path hacks.
+
+grpc_predict_v2.proto is the Open Inference Protocol (KServe v2), vendored verbatim from
+kserve/open-inference-protocol specification/protocol/open_inference_grpc.proto (commit
+d49cc23f): the kserve/kserve copy lacks InferParameter.double_param, which Triton clients
+send for float parameters. Its package is ``inference``, so Triton and KServe clients reach
+it; its stubs are checked like ours.
 """
 
 from __future__ import annotations
