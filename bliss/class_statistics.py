@@ -18,10 +18,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bliss.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from bliss.npy_files import NpyRows
 
 # Working-set cap for one block of float64 similarities or projections.
 DEFAULT_BLOCK_BYTES = 64 * 1024 * 1024
@@ -121,7 +125,10 @@ class SimilarityStatistics:
 
 
 def direct_statistics(
-    normal: np.ndarray, vectors: np.ndarray, *, block_bytes: int = DEFAULT_BLOCK_BYTES
+    normal: np.ndarray,
+    vectors: np.ndarray | NpyRows,
+    *,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
 ) -> SimilarityStatistics:
     """Eqs. 4/8 straight from the similarities of ``normal`` [n, D] to ``vectors`` [t, D].
 
@@ -143,7 +150,10 @@ def direct_statistics(
 
 
 def moment_statistics(
-    moments: ClassMoments, vectors: np.ndarray, *, block_bytes: int = DEFAULT_BLOCK_BYTES
+    moments: ClassMoments,
+    vectors: np.ndarray | NpyRows,
+    *,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
 ) -> SimilarityStatistics:
     """Eqs. 4/8 from moments: mu(d) = d . m, sigma(d)^2 = d^T S d (float64)."""
     mean_vector = moments.mean
@@ -196,7 +206,7 @@ class ClassStatistics:
 
 def class_statistics(
     label_embedding: np.ndarray,
-    dictionary: np.ndarray,
+    dictionary: np.ndarray | NpyRows,
     moments: ClassMoments,
     normal: np.ndarray | None = None,
     *,
@@ -268,7 +278,7 @@ def statistics_table(
     return StatisticsTable.stack(per_class)
 
 
-def _row_blocks(array: np.ndarray, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+def _row_blocks(array: np.ndarray | NpyRows, rows: int) -> Iterator[tuple[int, np.ndarray]]:
     for start in range(0, array.shape[0], rows):
         yield start, np.asarray(array[start : start + rows], dtype=np.float64)
 

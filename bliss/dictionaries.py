@@ -175,7 +175,7 @@ def text_file_dictionary(path: str | Path) -> Dictionary:
         file = Path(path).expanduser().resolve()
         if not file.is_file():
             raise NotFoundError(f"dictionary file not found: {file}")
-        name, opener = str(file), functools.partial(file.open, "rb")
+        name, opener = str(file), lambda: file.open("rb")
 
     def read() -> Iterator[str]:
         with opener() as stream:

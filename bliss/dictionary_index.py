@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from bliss.npy_files import iter_row_chunks, npy_layout
 
 if TYPE_CHECKING:
     import faiss
+    from faiss import IndexHNSW
 
     from bliss.gpu_index import GpuOptions
 
@@ -304,7 +305,9 @@ class DictionaryIndex:
         placed = place_on_gpus(self.index, options)
         if placed is self.index:
             return self
-        return DictionaryIndex(placed, self.kind, self.exact_vectors)
+        # A GpuSearchIndex stands in for a faiss index here (it has what DictionaryIndex uses
+        # of one on the GPU path: d, ntotal, search, reconstruct_batch).
+        return DictionaryIndex(cast("faiss.Index", placed), self.kind, self.exact_vectors)
 
     def save(self, path: Path) -> str:
         """Write to ``path`` atomically (temp file, fsync, rename); returns the sha256."""
@@ -393,7 +396,8 @@ def _apply_search_options(index: faiss.Index, options: IndexOptions) -> None:
     if options.kind in (IndexKind.IVF, IndexKind.IVFPQ):
         faiss.extract_index_ivf(index).nprobe = options.nprobe
     elif options.kind is IndexKind.HNSW:
-        index.hnsw.efSearch = options.ef_search
+        # HNSW indexes are built as IndexHNSWFlat (Index has no hnsw in faiss's stubs).
+        cast("IndexHNSW", index).hnsw.efSearch = options.ef_search
 
 
 def _searches_inner_product(index: faiss.Index) -> bool:

@@ -257,6 +257,7 @@ def _row_chunks(matrix: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """float32 chunks of rows; a memory map is read with plain reads, so that a pass
     over a huge dictionary does not leave all of it in the resident set."""
     if isinstance(matrix, np.memmap) and _maps_whole_file(matrix):
+        assert matrix.filename is not None, "_maps_whole_file checked it"
         for start, block in iter_row_chunks(Path(matrix.filename)):
             yield start, block.astype(np.float32, copy=False)
         return

@@ -15,7 +15,7 @@ import difflib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import numpy as np
 
@@ -55,6 +55,14 @@ _MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 _TINY_MODEL_SEED = 0
 
 _Item = TypeVar("_Item")
+
+
+class _ClipModel(Protocol):
+    """The encoders of an open_clip model (typed by torch as a plain Module)."""
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor: ...
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor: ...
 
 
 class ClipEncoder:
@@ -159,7 +167,8 @@ class ClipEncoder:
                 f"expected preprocessed pixels of shape [B, 3, H, W], got {list(pixels.shape)}"
             )
         with torch.inference_mode():
-            features = self.model.encode_image(pixels.to(self.device, self._input_dtype))
+            model = cast(_ClipModel, self.model)
+            features = model.encode_image(pixels.to(self.device, self._input_dtype))
         return _l2_normalised(features)
 
     def _encode_text_batch(self, texts: list[str]) -> np.ndarray:
@@ -167,7 +176,7 @@ class ClipEncoder:
 
         tokens = self._tokenizer(texts).to(self.device)
         with torch.inference_mode():
-            features = self.model.encode_text(tokens)
+            features = cast(_ClipModel, self.model).encode_text(tokens)
         return _l2_normalised(features)
 
     def _encode_image_items(self, items: list[Image.Image | str | Path | ImageItem]) -> np.ndarray:
@@ -213,10 +222,10 @@ def open_rgb(item: Image.Image | str | Path | ImageItem) -> Image.Image:
 
     if isinstance(item, Image.Image):
         return item if item.mode == "RGB" else item.convert("RGB")
-    local = isinstance(item, (str, Path))
-    name = item if local else item.key
+    name = item if isinstance(item, (str, Path)) else item.key
     try:
-        with Image.open(item if local else io.BytesIO(item.read())) as image:
+        source = item if isinstance(item, (str, Path)) else io.BytesIO(item.read())
+        with Image.open(source) as image:
             ImageOps.exif_transpose(image, in_place=True)
             return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:

@@ -9,10 +9,15 @@ partition of every row. Ties go to the lower id, whatever the block size.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from bliss.blas_kernels import CblasScores, numpy_cblas
 from bliss.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from bliss.npy_files import NpyRows
 
 # Bounds the [B, block] score buffer, and the rows of a block when they must be copied
 # (no numpy CBLAS). Smaller blocks cost more calls and merges: 1,024 queries x 100,000 x
@@ -25,7 +30,11 @@ BOUNDING_COLUMNS = 4096
 
 
 def top_k_inner_product(
-    vectors: np.ndarray, queries: np.ndarray, k: int, *, block_rows: int | None = None
+    vectors: np.ndarray | NpyRows,
+    queries: np.ndarray,
+    k: int,
+    *,
+    block_rows: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` entries of ``vectors`` [t, D] with the largest inner product per query.
 

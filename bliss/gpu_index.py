@@ -125,12 +125,14 @@ def ivf_flat_to_float16(index: faiss.Index) -> faiss.Index:
     )
     half.is_trained = True  # float16 codes need no training; the quantizer is trained
     half.nprobe = ivf.nprobe
+    invlists = half.invlists
+    assert invlists is not None, "an IndexIVF constructed as above owns its inverted lists"
     for list_no in range(ivf.nlist):
         ids, codes = get_invlist(ivf.invlists, list_no)
         if len(ids) == 0:
             continue
         vectors = np.ascontiguousarray(codes).view(np.float32).astype(np.float16)
-        half.invlists.add_entries(
+        invlists.add_entries(
             list_no, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(vectors.view(np.uint8))
         )
     half.ntotal = ivf.ntotal

@@ -47,7 +47,7 @@ def read_rows(path: Path, start: int, stop: int) -> np.ndarray:
     rows = np.empty((max(0, stop - start), *shape[1:]), dtype=dtype)
     with open(path, "rb") as stream:
         stream.seek(offset + start * row_bytes)
-        if stream.readinto(memoryview(rows).cast("B")) != rows.nbytes:
+        if stream.readinto(rows.data.cast("B")) != rows.nbytes:
             raise InvalidInputError(f"{path} is truncated: rebuild or re-copy it")
     return rows
 
@@ -93,7 +93,7 @@ class NpyWriter:
                 f"{self.path.name}: a part of shape {part.shape} does not fit "
                 f"[{self.rows}, {', '.join(map(str, self.row_shape))}] after {self.written} rows"
             )
-        self._write_bytes(memoryview(part).cast("B"))
+        self._write_bytes(part.data.cast("B"))
         self.written += len(part)
 
     @property

@@ -24,6 +24,8 @@ from bliss.flat_search import top_k_inner_product
 if TYPE_CHECKING:
     import faiss
 
+    from bliss.npy_files import NpyRows
+
 # Recall on 2,000 queries has a standard error of at most sqrt(0.25 / 2000) = 0.011 (at
 # K = 1; less for larger K); more queries only slow the tuning down.
 MAX_TUNING_QUERIES = 2_000
@@ -89,7 +91,7 @@ def sample_queries(
     return np.ascontiguousarray(queries[picked], dtype=np.float32)
 
 
-def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+def exact_neighbours(vectors: np.ndarray | NpyRows, queries: np.ndarray, k: int) -> np.ndarray:
     """Exact top-``k`` ids [Q, k] by inner product, most similar first (ties: lower id).
 
     ``vectors`` [t, D] may be a memory map of many millions of rows: it is read in blocks
@@ -106,7 +108,7 @@ class ExactSearch:
     perfect recall: exact ids, similarities re-scored in float64 from its exact vectors.
     """
 
-    def __init__(self, vectors: np.ndarray, reference: DictionaryIndex) -> None:
+    def __init__(self, vectors: np.ndarray | NpyRows, reference: DictionaryIndex) -> None:
         self.vectors = vectors  # [t, D]; a memory map or NpyRows is read block by block
         self.reference = reference
 
@@ -261,7 +263,7 @@ def _check_queries(index: faiss.Index, queries: np.ndarray, exact_ids: np.ndarra
         )
 
 
-def _check_vectors(vectors: np.ndarray, queries: np.ndarray, k: int) -> int:
+def _check_vectors(vectors: np.ndarray | NpyRows, queries: np.ndarray, k: int) -> int:
     if vectors.ndim != 2 or queries.ndim != 2 or vectors.shape[1] != queries.shape[1]:
         raise InvalidInputError(
             f"exact search needs [t, D] vectors and [Q, D] queries, got {vectors.shape} "

@@ -256,7 +256,8 @@ class Scorer:
         """Texts for a [B, K] id matrix, fetched once per distinct id."""
         unique, inverse = np.unique(entry_ids, return_inverse=True)
         texts = self.entry_text_source.texts(unique)
-        rows = inverse.reshape(entry_ids.shape)
+        # numpy's stubs pick the 0-d overload of reshape for an untyped shape (tolist: int).
+        rows: np.ndarray = inverse.reshape(entry_ids.shape)
         return [[texts[i] for i in row] for row in rows.tolist()]
 
 

@@ -11,7 +11,7 @@ from bliss.errors import InvalidInputError
 from bliss.scoring import ScoringMode
 from bliss.v1 import scorer_pb2
 
-PROTO_MODES: dict[ScoringMode, scorer_pb2.ScoringMode.ValueType] = {
+PROTO_MODES: dict[ScoringMode, scorer_pb2.ScoringMode] = {
     ScoringMode.BLISS: scorer_pb2.SCORING_MODE_BLISS,
     ScoringMode.IC: scorer_pb2.SCORING_MODE_IC,
     ScoringMode.IC_RAW: scorer_pb2.SCORING_MODE_IC_RAW,

@@ -126,7 +126,7 @@ class ArtifactsWriter:
 
         ``faiss_checksum`` is the sha256 the FAISS file was saved with (not read again).
         """
-        files = {
+        files: dict[str, dict[str, int | str]] = {
             path.name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
             for path in sorted(self.directory.iterdir())
             if path.name != MANIFEST

@@ -141,7 +141,7 @@ def _resolve(endpoint: Endpoint) -> list[Endpoint]:
         )
     except socket.gaierror as error:
         raise InvalidInputError(f"cannot resolve server {endpoint}: {error}") from error
-    addresses = sorted({info[4][0] for info in found})
+    addresses = sorted({str(info[4][0]) for info in found})  # AF_INET: (host, port)
     return [Endpoint(address, endpoint.port) for address in addresses]
 
 

@@ -115,6 +115,7 @@ class BundleInputs:
         dictionary = self.bundle.dictionary
         # Still the memory map of the bundle's own file: nothing was dropped or normalised.
         if isinstance(dictionary, np.memmap) and dictionary.dtype == np.float32:
+            assert dictionary.filename is not None, "the bundle maps a file"
             return Path(dictionary.filename)
         # The bundle's content is part of the build's identity: its checksum says enough.
         produced_by = {"bundle": "dictionary.npy"}

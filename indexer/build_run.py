@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from tqdm import tqdm
@@ -237,7 +238,9 @@ class BuildRun:
         version = self.store.get_version_by_id(version.id)
         tuning = SearchTuning(**json.loads(next(self.workspace.iter_lines(TUNING_FILE))))
         scorer = load_scorer(self.store, version, self.data_dir)
-        exact = scorer.with_index(ExactSearch(NpyRows(dictionary_file), scorer.index))
+        # --target-recall is for FAISS versions only, whose scorer searches a DictionaryIndex.
+        reference = cast(DictionaryIndex, scorer.index)
+        exact = scorer.with_index(ExactSearch(NpyRows(dictionary_file), reference))
         queries = self._tuning_queries(
             [self.inputs.class_embeddings_file(self.workspace, position)
              for position in range(len(self.inputs.class_names))]
@@ -404,6 +407,7 @@ class BuildRun:
             writer.write_statistics(*self._entry_columns(classes))
         if not self.options.index.kind.stores_exact_vectors:
             writer.write_vectors(dictionary_file)
+        assert version.faiss_checksum is not None, "the faiss stage recorded the file's checksum"
         self.store.set_artifacts(version.id, writer.finish(faiss_file, version.faiss_checksum))
         self.workspace.mark("serving artifacts", produced_by)
         version = self.store.get_version_by_id(version.id)

@@ -35,6 +35,7 @@ def run_class_statistics(task: ClassStatisticsTask) -> dict[str, np.ndarray]:
     normal = np.load(task.normal_file)
     kept, held_out = holdout_split(len(normal), task.calibration_fraction, task.position)
     moments = ClassMoments.of(normal[kept])
+    dictionary: np.ndarray | NpyRows
     if task.entry_statistics:
         # Read block by block: a memory map's pages would pile up in the resident set.
         dictionary = NpyRows(task.dictionary_file)

@@ -53,7 +53,7 @@ def scan_webdataset(
     in the sample key).
     """
     label_of = _label_reader(class_from)
-    labelled = []
+    labelled: list[tuple[str, ImageItem]] = []
     for shard in expand_pattern(pattern):
         labelled.extend(_shard_samples(shard, label_of))
     return classes_by_label(labelled, class_map, "label", f"no shard of {pattern} holds a sample")
@@ -66,7 +66,7 @@ def scan_parquet(
     class_map: Path | None = None,
 ) -> list[ImageClass]:
     """Rows of parquet files; the image column holds bytes, {bytes, path} structs or paths."""
-    labelled = []
+    labelled: list[tuple[str, ImageItem]] = []
     for file in expand_pattern(pattern):
         labelled.extend(_parquet_rows(file, image_column, label_column))
     return classes_by_label(labelled, class_map, "label", f"no file of {pattern} has a row")
@@ -92,7 +92,7 @@ def _shard_samples(shard: str, label_of: _LabelReader) -> Iterator[tuple[str, Im
                     )
                 member = fields[images[0]]
                 image = TarMember(shard, member.name, member.offset_data, member.size, version)
-                label = label_of(name, key, lambda ext, f=fields: _member_text(tar, f, ext, shard))
+                label = label_of(name, key, _member_reader(tar, fields, shard))
                 yield label, image
 
 
@@ -158,11 +158,19 @@ def _nonempty(label: str | None, name: str, what: str, spec: str) -> str:
     return label
 
 
+def _member_reader(
+    tar: tarfile.TarFile, fields: dict[str, tarfile.TarInfo], shard: str
+) -> Callable[[str], str | None]:
+    return lambda ext: _member_text(tar, fields, ext, shard)
+
+
 def _member_text(
     tar: tarfile.TarFile, fields: dict[str, tarfile.TarInfo], ext: str, shard: str
 ) -> str | None:
     member = fields.get(ext)
-    file = tar.extractfile(member) if member else None
+    if member is None:
+        return None
+    file = tar.extractfile(member)
     if file is None:
         return None
     try:

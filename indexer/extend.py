@@ -15,6 +15,7 @@ import hashlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from tqdm import tqdm
@@ -192,7 +193,8 @@ class ExtensionRun(BuildRun):
         if len(new):
             label = moment_statistics(moments, labels[record.position][None, :])
             label_mean, label_std = float(label.mean[0]), float(label.std[0])
-        return {
+        # The numpy scalars among them are saved (np.savez) as 0-d arrays like the rest.
+        merged: dict[str, np.ndarray | np.generic] = {
             "label_mean": np.float64(label_mean),
             "label_std": np.float64(label_std),
             "count": np.int64(moments.count),
@@ -202,6 +204,7 @@ class ExtensionRun(BuildRun):
             "path": np.array("moments"),
             "new_images": np.int64(len(new)),
         }
+        return cast(dict[str, np.ndarray], merged)
 
     def _entry_statistics(
         self,

@@ -168,7 +168,7 @@ def scan_image_folder(root: str | Path, class_map: Path | None = None) -> list[I
     if not root.is_dir():
         raise NotFoundError(f"image folder {root} does not exist")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    labelled = []
+    labelled: list[tuple[str, ImageItem]] = []
     for folder in folders:
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
@@ -186,7 +186,7 @@ def _scan_url_folder(root: str, class_map: Path | None) -> list[ImageClass]:
             for entry in entries
             if entry["type"] == "directory" and not _basename(entry["name"]).startswith(".")
         )
-        labelled = []
+        labelled: list[tuple[str, ImageItem]] = []
         for folder in folders:
             found = fs.find(folder, detail=True)
             files = sorted(name for name in found if Path(name).suffix.lower() in IMAGE_SUFFIXES)
@@ -205,7 +205,7 @@ def _scan_url_folder(root: str, class_map: Path | None) -> list[ImageClass]:
 
 def expand_pattern(pattern: str) -> list[str]:
     """Brace ranges and lists (``{00000..00099}``, ``{a,b}``) as webdataset has them, then globs."""
-    urls = []
+    urls: list[str] = []
     for candidate in _expand_braces(pattern):
         if any(c in candidate for c in "*?["):
             fs, path = filesystem(candidate)

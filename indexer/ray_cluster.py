@@ -132,7 +132,7 @@ def plan_encoders(
             "GPU encoders with --ray-gpus-per-encoder"
         )
     sizes = sorted({placement.cpus for placement in placements})
-    cpus = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+    cpus_each = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
     rule = (
         f"one per {cpus_per_encoder} CPU(s) of each node"
         if cpus_per_encoder
@@ -140,7 +140,7 @@ def plan_encoders(
     )
     return placements, (
         f"{len(placements)} encoder actor(s) on {len({p.node_id for p in placements})} "
-        f"node(s), {cpus} CPU(s) and torch thread(s) each ({rule}; --ray-encoders and "
+        f"node(s), {cpus_each} CPU(s) and torch thread(s) each ({rule}; --ray-encoders and "
         "--ray-cpus-per-encoder change this)"
     )
 
@@ -231,10 +231,11 @@ def _cluster_environment(marker: str) -> Iterator[None]:
         yield
     finally:
         # The token stays: the driver reads it again when it reconnects to its GCS.
-        if saved[MARKER_VARIABLE] is None:
+        saved_marker = saved[MARKER_VARIABLE]
+        if saved_marker is None:
             del os.environ[MARKER_VARIABLE]
         else:
-            os.environ[MARKER_VARIABLE] = saved[MARKER_VARIABLE]
+            os.environ[MARKER_VARIABLE] = saved_marker
 
 
 @contextlib.contextmanager

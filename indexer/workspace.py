@@ -93,7 +93,9 @@ class BuildWorkspace:
         A stale or damaged output (and its record) is removed, with one line saying why.
         """
         if output in self._verified:
-            return self._record(output)["produced_by"] == _normal(produced_by)
+            verified = self._record(output)
+            assert verified is not None, "a verified output has its record"
+            return verified["produced_by"] == _normal(produced_by)
         record = self._record(output)
         file = self.path(output)
         if record is None:
@@ -143,7 +145,9 @@ class BuildWorkspace:
     ) -> Path:
         target = self.path(output)
         with _atomic_target(target) as temporary, open(temporary, "wb") as stream:
-            np.savez(stream, **arrays)
+            # numpy types savez(**kwds) as arrays, but mypy also matches a str-keyed dict
+            # against its allow_pickle: bool keyword; the keys here are array names.
+            np.savez(stream, **arrays)  # type: ignore[arg-type]
         self._finish(output, produced_by, rows=None)
         return target
 

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from bliss.errors import InvalidInputError
 from bliss.server.settings import ServerSettings, add_server_arguments
@@ -34,7 +35,7 @@ def load_server_settings(args: argparse.Namespace) -> ServerSettings:
         raise InvalidInputError(f"bad server setting: {problems}") from None
 
 
-def _describe(problem: dict) -> str:
+def _describe(problem: ErrorDetails) -> str:
     field = str(problem["loc"][0]) if problem.get("loc") else ""
     message = problem["msg"]
     if not field:

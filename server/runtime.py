@@ -338,7 +338,9 @@ def _check_tls_files(cert: Path, key: Path, client_ca: Path | None) -> None:
     """Load the files with OpenSSL first: gRPC only reports a failed bind, which reads
     like a port in use."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    certificates = ((cert, "TLS certificate", "--tls-cert / BLISS_TLS_CERT"),)
+    certificates: tuple[tuple[Path, str, str], ...] = (
+        (cert, "TLS certificate", "--tls-cert / BLISS_TLS_CERT"),
+    )
     if client_ca is not None:
         certificates += ((client_ca, "client CA bundle", "--tls-client-ca / BLISS_TLS_CLIENT_CA"),)
     for path, what, flag in certificates:

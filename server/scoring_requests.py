@@ -9,7 +9,7 @@ message names the item at fault: ``item 3 (id 'cam7/0012.jpg')``, with a field v
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 from google.protobuf.message import DecodeError, Message
@@ -163,7 +163,8 @@ def _embedding_shape_problem(embedding: scorer_pb2.Embedding) -> str:
 def _reject_unusable_rows(rows: np.ndarray, positions: list[int], ids: list[str]) -> None:
     finite = np.isfinite(rows).all(axis=1)
     _reject(~finite, positions, ids, "NaN or infinite values in the embedding")
-    zero = ~rows.any(axis=1)
+    # One flag per row; numpy's stubs also allow a scalar for any(axis=...).
+    zero = ~cast(np.ndarray, rows.any(axis=1))
     _reject(zero, positions, ids, "the embedding is all zeros (it has no direction to compare)")
     _reject(
         tiny_rows(rows),

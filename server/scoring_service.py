@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING, cast
 
 import grpc
 import numpy as np
@@ -58,6 +59,9 @@ from bliss.server.status_codes import (
 from bliss.server.tracing import rpc_span
 from bliss.store.database import redact_url
 from bliss.v1 import scorer_pb2
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +304,8 @@ class AnomalyScorerService:
                 raise item_error(position, parsed.ids[position], "image", str(outcome)) from None
             if isinstance(outcome, BaseException):
                 raise outcome
-        return await served.images.batcher.encode(decoded)
+        # Every outcome is a tensor: the loop above raised on the first exception.
+        return await served.images.batcher.encode(cast("list[torch.Tensor]", decoded))
 
     async def _read_stream(
         self,

@@ -412,7 +412,9 @@ def _save_scores(path: Path, results: list[SettingResult]) -> None:
             arrays[f"{result.setting.key}/{trial.index}/is_anomaly"] = kept.is_anomaly
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(temporary, "wb") as stream:
-        np.savez(stream, **arrays)
+        # numpy types savez(**kwds) as arrays, but mypy also matches a str-keyed dict
+        # against its allow_pickle: bool keyword; the keys here are array names.
+        np.savez(stream, **arrays)  # type: ignore[arg-type]
     os.replace(temporary, path)
 
 

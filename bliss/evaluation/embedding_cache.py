@@ -210,7 +210,7 @@ class EmbeddingCache:
         temporary.mkdir(parents=True)
         try:
             for name, array in arrays.items():
-                _write_synced(temporary / f"{name}.npy", lambda f, a=array: np.save(f, a))
+                _write_synced(temporary / f"{name}.npy", _array_writer(array))
             manifest = {"key": key, "what": what, "rows": rows, "arrays": sorted(arrays)}
             text = json.dumps(manifest, indent=2, sort_keys=True)
             _write_synced(temporary / _MANIFEST, lambda f: f.write(text.encode()))
@@ -226,6 +226,10 @@ class EmbeddingCache:
             raise
         self.events.append(CacheEvent(key["kind"], what, False, rows, str(folder)))
         return arrays
+
+
+def _array_writer(array: np.ndarray) -> Callable[[Any], object]:
+    return lambda stream: np.save(stream, array)
 
 
 def _write_synced(path: Path, write: Callable[[Any], object]) -> None:

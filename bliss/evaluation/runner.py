@@ -212,6 +212,7 @@ def run_setting(
             if row.base:
                 kept[row.method] = scores
                 if row.method is Method.BLISS:
+                    assert batch is not None, "BLISS rows are scored with their IC and ET"
                     internal, external = batch
             if all_scores is not None:
                 all_scores[f"{number}/{trial.index}"] = scores.astype(np.float32)
@@ -269,6 +270,7 @@ class _TrialEvaluation:
                 return None
             return mcm_scores(test, labels, self.config.mcm_temperature), None
         if row.method is Method.DN2:
+            assert row.k is not None, "DN2 rows carry their k (SweepConfig._base_row)"
             return knn_distance_scores(self._neighbour_candidates(row.shots, row.k), row.k), None
         shots = row.shots if row.method.uses_normal_images else self.config.base_shots
         dictionary = row.dictionary or self.config.base_dictionary

@@ -175,7 +175,7 @@ def parse_shots(text: str | None) -> tuple[int | None, ...]:
     """'1,5,10,all' -> (1, 5, 10, None)."""
     if text is None:
         return (ALL_SHOTS,)
-    values = []
+    values: list[int | None] = []
     for part in text.split(","):
         part = part.strip().lower()
         if part == "all":

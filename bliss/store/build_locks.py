@@ -23,8 +23,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from typing import Any, cast
 
-from sqlalchemy import Connection, delete, text, update
+from sqlalchemy import Connection, CursorResult, delete, text, update
 from sqlalchemy.exc import OperationalError
 
 from bliss.errors import BlissError
@@ -147,14 +148,18 @@ class BuildLocks(StoreSessions):
 
     def _renew_row(self, name: str, fingerprint: str, token: str) -> bool:
         with self._writing() as session:
-            renewed = session.execute(
-                update(BuildLock)
-                .where(
-                    BuildLock.name == name,
-                    BuildLock.fingerprint == fingerprint,
-                    BuildLock.owner == token,
-                )
-                .values(heartbeat_at=utc_now())
+            # An UPDATE's result is a CursorResult; Session.execute is typed as Result.
+            renewed = cast(
+                CursorResult[Any],
+                session.execute(
+                    update(BuildLock)
+                    .where(
+                        BuildLock.name == name,
+                        BuildLock.fingerprint == fingerprint,
+                        BuildLock.owner == token,
+                    )
+                    .values(heartbeat_at=utc_now())
+                ),
             )
             return renewed.rowcount == 1
 

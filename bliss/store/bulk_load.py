@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from itertools import chain, islice, repeat
+from typing import Any
 
 import numpy as np
 from sqlalchemy import Connection
@@ -53,6 +54,15 @@ _PACKED_CHUNK_ROWS = 1_000_000  # rows per packed bytea (24 MB)
 _FETCH_ROWS = 100_000  # rows per sqlite3 fetchmany (Python tuples: keep batches small)
 
 
+def _driver_connection(connection: Connection) -> Any:
+    """The driver's own connection under ``connection`` (psycopg's or sqlite3's), typed as
+    Any: SQLAlchemy types it as the generic DBAPI protocol, which has neither psycopg's
+    ``copy``/``cursor(binary=True)`` nor context-manager cursors."""
+    dbapi_connection = connection.connection.dbapi_connection
+    assert dbapi_connection is not None, "the Connection is open, so it holds a DBAPI one"
+    return dbapi_connection
+
+
 def insert_entry_statistics(
     connection: Connection, version_id: int, start: int, mean: np.ndarray, std: np.ndarray
 ) -> None:
@@ -70,7 +80,7 @@ def insert_entry_statistics(
         repeat(version_id), entries.tolist(), class_positions.tolist(),
         means.tolist(), stds.tolist(), strict=False,
     )  # fmt: skip
-    cursor = connection.connection.dbapi_connection.cursor()
+    cursor = _driver_connection(connection).cursor()
     try:
         cursor.executemany(
             "INSERT INTO entry_statistics"
@@ -86,7 +96,7 @@ def insert_entries(
 ) -> int:
     """Insert ``texts`` at positions 0, 1, ... in iteration order; return how many."""
     rows = ((version_id, position, text) for position, text in enumerate(texts))
-    dbapi_connection = connection.connection.dbapi_connection
+    dbapi_connection = _driver_connection(connection)
     count = 0
     if connection.dialect.name == "postgresql":
         with (
@@ -131,14 +141,14 @@ def gather_entry_statistics(
     if not positions:
         return _no_rows()
     if connection.dialect.name == "postgresql":
-        with connection.connection.dbapi_connection.cursor(binary=True) as cursor:
+        with _driver_connection(connection).cursor(binary=True) as cursor:
             cursor.execute(
                 _PACKED_STATISTICS_SQL
                 + " WHERE version_id = %s AND entry_position = ANY(%s::int4[])",
                 (version_id, positions),
             )
             return _unpack(cursor.fetchone()[0])
-    cursor = connection.connection.dbapi_connection.cursor()
+    cursor = _driver_connection(connection).cursor()
     try:
         chunks = []
         for chunk in _sqlite_chunks(positions):
@@ -168,7 +178,7 @@ def gather_entry_texts(
     if not positions:
         return texts
     if connection.dialect.name == "postgresql":
-        with connection.connection.dbapi_connection.cursor() as cursor:
+        with _driver_connection(connection).cursor() as cursor:
             cursor.execute(
                 "SELECT position, text FROM dictionary_entries"
                 " WHERE version_id = %s AND position = ANY(%s::int4[])",
@@ -176,7 +186,7 @@ def gather_entry_texts(
             )
             texts.update(cursor.fetchall())
         return texts
-    cursor = connection.connection.dbapi_connection.cursor()
+    cursor = _driver_connection(connection).cursor()
     try:
         for chunk in _sqlite_chunks(positions):
             cursor.execute(
@@ -198,7 +208,7 @@ def _copy_entry_statistics(
     mean: np.ndarray,
     std: np.ndarray,
 ) -> None:
-    dbapi_connection = connection.connection.dbapi_connection
+    dbapi_connection = _driver_connection(connection)
     with (
         dbapi_connection.cursor() as cursor,
         cursor.copy(
@@ -229,7 +239,7 @@ def _read_packed_statistics(
     std = np.zeros((n_classes, n_entries), dtype=np.float64)
     count = 0
     entries_per_chunk = max(1, _PACKED_CHUNK_ROWS // max(n_classes, 1))
-    with connection.connection.dbapi_connection.cursor(binary=True) as cursor:
+    with _driver_connection(connection).cursor(binary=True) as cursor:
         for start in range(0, n_entries, entries_per_chunk):
             stop = min(start + entries_per_chunk, n_entries)
             cursor.execute(
@@ -252,7 +262,7 @@ def _read_ordered_statistics(
     # only mean and std need to cross into Python (half the objects of a 4-column read).
     values = np.zeros(2 * n_classes * n_entries, dtype=np.float64)
     count = 0
-    cursor = connection.connection.dbapi_connection.cursor()
+    cursor = _driver_connection(connection).cursor()
     try:
         cursor.execute(
             "SELECT mean, std FROM entry_statistics"

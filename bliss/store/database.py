@@ -226,7 +226,7 @@ def _run_alembic(engine: Engine, run: Callable[[Config], None]) -> None:
             # Batch migrations copy a table and drop the old one; with foreign keys on,
             # the drop would cascade-delete every child row (SQLite ignores this pragma
             # inside a transaction, hence on the raw connection, before BEGIN).
-            connection.connection.driver_connection.execute("PRAGMA foreign_keys = OFF")
+            _driver_execute(connection, "PRAGMA foreign_keys = OFF")
         try:
             with connection.begin():
                 if connection.dialect.name == "postgresql":
@@ -238,7 +238,14 @@ def _run_alembic(engine: Engine, run: Callable[[Config], None]) -> None:
                     _check_sqlite_foreign_keys(connection)
         finally:
             if sqlite:
-                connection.connection.driver_connection.execute("PRAGMA foreign_keys = ON")
+                _driver_execute(connection, "PRAGMA foreign_keys = ON")
+
+
+def _driver_execute(connection: Connection, statement: str) -> None:
+    """Run ``statement`` on the driver's own connection, outside SQLAlchemy's transaction."""
+    driver_connection = connection.connection.driver_connection
+    assert driver_connection is not None, "an open Connection holds its driver's"
+    driver_connection.execute(statement)
 
 
 def _check_sqlite_foreign_keys(connection: Connection) -> None:

@@ -53,11 +53,13 @@ class DictionaryEntries(StoreSessions):
     def count_entries(self, version_id: int) -> int:
         """How many dictionary entries the version has."""
         with self._reading() as session:
-            return session.scalar(
+            count = session.scalar(
                 select(func.count())
                 .select_from(DictionaryEntry)
                 .where(DictionaryEntry.version_id == version_id)
             )
+            assert count is not None, "COUNT(*) returns one row"
+            return count
 
     def entry_texts(self, version_id: int, positions: Sequence[int] | np.ndarray) -> list[str]:
         """Texts of the entries at ``positions``, in the order asked (repeats allowed)."""

@@ -38,6 +38,7 @@ class EntryStatistics(StoreSessions):
                 .select_from(NormalClass)
                 .where(NormalClass.version_id == version_id)
             )
+            assert classes is not None, "COUNT(*) returns one row"
             mean_values = _statistics_block("mean", mean, row, classes, start)
             std_values = _statistics_block("std", std, row, classes, start)
             if (std_values < 0).any():
@@ -67,7 +68,9 @@ class EntryStatistics(StoreSessions):
         if class_position is not None:
             query = query.where(EntryStatistic.class_position == class_position)
         with self._reading() as session:
-            return session.scalar(query)
+            count = session.scalar(query)
+            assert count is not None, "COUNT(*) returns one row"
+            return count
 
     def entry_statistics(
         self, version_id: int, positions: np.ndarray, n_classes: int

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Mapping
 
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.exc import IntegrityError
@@ -111,7 +112,7 @@ class VersionLifecycle(StoreSessions):
                         f"{_CREATE_ATTEMPTS} concurrent creations collided; try again"
                     ) from error
 
-    def _insert_next_version(self, fields: dict[str, object]) -> VersionRecord:
+    def _insert_next_version(self, fields: Mapping[str, object]) -> VersionRecord:
         with self._writing() as session:
             if session.get_bind().dialect.name == "postgresql":
                 # Creators of one name queue here instead of colliding on the unique
@@ -331,6 +332,7 @@ def _completeness_problems(session: Session, row: IndexVersion) -> list[str]:
     n_classes = session.scalar(
         select(func.count()).select_from(NormalClass).where(NormalClass.version_id == row.id)
     )
+    assert n_classes is not None, "COUNT(*) returns one row"
     if n_classes == 0:
         problems.append("no normal classes written")
     n_entries = session.scalar(
