@@ -21,8 +21,6 @@ server share this machine's CPUs.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import subprocess
 import sys
@@ -34,30 +32,18 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
+from serving_throughput import DIM, build_index, start_server, unit_rows
 
-from bliss.cli import main as bliss_main
 from bliss.client import BlissClient
-from bliss.embedding_bundle import write_bundle
 
-DIM = 512
-CLASSES = 10
-PER_CLASS = 40
 SMALL_ITEMS = (1, 8)
-SERVER = """
-import asyncio, json, sys
-from bliss.server.runtime import serve
-from bliss.server.settings import ServerSettings
-settings = ServerSettings(**json.loads(sys.argv[1]))
-def started(server):
-    print(server.port, flush=True)
-asyncio.run(serve(settings, on_started=started))
-"""
 # The huge requests come from a process of their own, so that building and reading them
 # does not hold the measuring process's GIL: one latency in ms per line, until stdin closes.
 HUGE_CLIENT = """
 import sys, threading, time
 import numpy as np
 from bliss.client import BlissClient
+from serving_throughput import DIM, build_index, start_server, unit_rows
 address, items, dim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rows = np.random.default_rng(1).normal(size=(items, dim)).astype(np.float32)
 stop = threading.Event()
@@ -78,56 +64,6 @@ class Round:
     loaded_p99_ms: float
     huge_p50_ms: float
     huge_calls: int
-
-
-def unit_rows(matrix: np.ndarray) -> np.ndarray:
-    return (matrix / np.linalg.norm(matrix, axis=1, keepdims=True)).astype(np.float32)
-
-
-def build_index(work: Path, entries: int) -> Path:
-    """A data dir with the active index ``fair<entries>`` (built once per work dir)."""
-    data = work / "data"
-    marker = work / f"fair{entries}.built"
-    if marker.exists():
-        return data
-    rng = np.random.default_rng(entries)
-    text_offset, image_offset = rng.normal(size=DIM) * 3, rng.normal(size=DIM) * 3
-    concepts = rng.normal(size=(CLASSES, DIM))
-    labels = np.repeat(np.arange(CLASSES), PER_CLASS)
-    bundle = work / f"bundle{entries}"
-    write_bundle(
-        bundle,
-        dictionary_texts=[f"entry {i}" for i in range(entries)],
-        dictionary=unit_rows(text_offset + rng.normal(size=(entries, DIM))),
-        class_names=[f"class {i}" for i in range(CLASSES)],
-        class_text=unit_rows(text_offset + concepts),
-        normal=unit_rows(image_offset + concepts[labels] + rng.normal(size=(len(labels), DIM))),
-        normal_labels=labels,
-    )
-    code = bliss_main(
-        ["-q", "index", "build", "--name", f"fair{entries}", "--from-embeddings", str(bundle),
-         "--activate", "--data-dir", str(data)]
-    )  # fmt: skip
-    if code != 0:
-        raise SystemExit("building the index failed")
-    marker.touch()
-    return data
-
-
-def start_server(data: Path, micro_batch_items: int) -> tuple[subprocess.Popen, str]:
-    settings = {"data_dir": str(data), "host": "127.0.0.1", "port": 0, "metrics": False,
-                "max_batch_items": 4096, "micro_batch_items": micro_batch_items}  # fmt: skip
-    process = subprocess.Popen(
-        [sys.executable, "-c", SERVER, json.dumps(settings)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    port = process.stdout.readline().strip()
-    if not port.isdigit():
-        process.kill()
-        raise SystemExit("the server did not start")
-    return process, f"127.0.0.1:{port}"
 
 
 def small_latencies(client: BlissClient, seconds: float, rate: float, seed: int) -> list[float]:
@@ -159,7 +95,7 @@ def percentile(values: list[float], q: float) -> float:
 def measure(
     data: Path, micro_batch_items: int, huge_items: int, seconds: float, rate: float
 ) -> Round:
-    process, address = start_server(data, micro_batch_items)
+    process, address = start_server(data, {"micro_batch_items": micro_batch_items})
     huge_ms: list[float] = []
     try:
         with BlissClient(address, timeout_s=600) as small:
@@ -245,7 +181,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         work = args.work_dir or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
-        data = build_index(work, args.entries)
+        data, _ = build_index(work, args.entries)  # the same index as serving_throughput.py
         settings = (args.micro_batch_items, 0)
         rounds: dict[int, list[Round]] = {size: [] for size in settings}
         for _ in range(args.rounds):

@@ -150,7 +150,7 @@ def measure_stream(client: BlissClient, index: str, vectors: np.ndarray, seconds
     return _summary(latencies, STREAM_BATCH * len(latencies) / elapsed)
 
 
-def start_server(data: Path, overrides: dict[str, str]) -> tuple[subprocess.Popen, str]:
+def start_server(data: Path, overrides: dict[str, object]) -> tuple[subprocess.Popen, str]:
     settings = {"data_dir": str(data), "host": "127.0.0.1", "port": 0, "metrics": False,
                 "max_batch_items": 4096, **overrides}  # fmt: skip
     process = subprocess.Popen(

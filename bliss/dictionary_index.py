@@ -238,14 +238,7 @@ class DictionaryIndex:
         vectors, the similarities are recomputed in float64 from them: faiss's float32
         scores, divided by small per-class sigmas, would cost the score digits it needs.
         """
-        if not 1 <= k <= self.ntotal:
-            raise InvalidInputError(
-                f"K={k} must be between 1 and the dictionary size {self.ntotal}"
-            )
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise InvalidInputError(
-                f"query embeddings have shape {queries.shape}, expected [B, {self.dim}]"
-            )
+        check_search(queries, k, self.dim, self.ntotal)
         rerank = self.kind is IndexKind.IVFPQ and self.exact_vectors is not None
         wanted = min(self.ntotal, k * PQ_RERANK_FACTOR) if rerank else k
         similarities, ids = self._top_k(np.ascontiguousarray(queries, dtype=np.float32), wanted)
@@ -292,8 +285,7 @@ class DictionaryIndex:
         for start in range(0, len(ids), rows):
             block = slice(start, start + rows)
             similarities[block] = np.einsum("bd,bkd->bk", queries[block], vectors[positions[block]])
-        order = np.lexsort((ids, -similarities), axis=1)  # equal similarities: lower id first
-        return np.take_along_axis(similarities, order, 1), np.take_along_axis(ids, order, 1)
+        return most_similar_first(similarities, ids)
 
     def to_gpus(self, options: GpuOptions | None = None) -> DictionaryIndex:
         """A copy searched on every visible GPU, or self when it stays on the CPU.
@@ -353,6 +345,21 @@ class DictionaryIndex:
         mapped = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)
         flags = mapped | faiss.IO_FLAG_READ_ONLY if memory_map else 0
         return cls(faiss.read_index(str(path), flags), kind, exact_vectors)
+
+
+def check_search(queries: np.ndarray, k: int, dim: int, ntotal: int) -> None:
+    """The eq. 7 search's preconditions, whatever store answers it."""
+    if not 1 <= k <= ntotal:
+        raise InvalidInputError(f"K={k} must be between 1 and the dictionary size {ntotal}")
+    if queries.ndim != 2 or queries.shape[1] != dim:
+        raise InvalidInputError(f"query embeddings have shape {queries.shape}, expected [B, {dim}]")
+
+
+def most_similar_first(similarities: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row of exact similarities [B, k] and its ids sorted most similar first; equal
+    similarities by lower id, so that every store ranks ties the same way."""
+    order = np.lexsort((ids, -similarities), axis=1)
+    return np.take_along_axis(similarities, order, 1), np.take_along_axis(ids, order, 1)
 
 
 @functools.cache

@@ -27,7 +27,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from bliss.dictionary_index import check_search, most_similar_first
 from bliss.errors import InvalidInputError, StoreError
+from bliss.logger_levels import logger_level
 
 MILVUS_PREFIX = "milvus:"
 INSTALL_HINT = "pip install 'bliss-anomaly[milvus]'"
@@ -180,14 +182,7 @@ class MilvusDictionary:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Similarities float64 [B, k] (recomputed from the hits' vectors) and ids [B, k]."""
-        if not 1 <= k <= self.ntotal:
-            raise InvalidInputError(
-                f"K={k} must be between 1 and the dictionary size {self.ntotal}"
-            )
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise InvalidInputError(
-                f"query embeddings have shape {queries.shape}, expected [B, {self.dim}]"
-            )
+        check_search(queries, k, self.dim, self.ntotal)
         ids = np.empty((len(queries), k), dtype=np.int64)
         vectors = np.empty((len(queries), k, self.dim), dtype=np.float32)
         texts: dict[int, str] = {}
@@ -210,8 +205,7 @@ class MilvusDictionary:
         similarities = np.einsum(
             "bd,bkd->bk", queries.astype(np.float64), vectors.astype(np.float64)
         )
-        order = np.lexsort((ids, -similarities), axis=1)  # equal similarities: lower id first
-        return np.take_along_axis(similarities, order, 1), np.take_along_axis(ids, order, 1)
+        return most_similar_first(similarities, ids)
 
     def vectors_at(self, ids: np.ndarray) -> np.ndarray:
         """float32 [u, D] vectors of ``ids`` (the last search's hits, else fetched)."""
@@ -295,7 +289,9 @@ class MilvusDictionaryWriter:
             metric_type="IP",
             params=self.options.index_params,
         )
-        with _milvus_errors(self.options), _quiet_milvus_lite_index_build():
+        # milvus-lite's in-process gRPC server logs an ERROR traceback for a timestamp call it
+        # does not implement while building an index, which then succeeds.
+        with _milvus_errors(self.options), logger_level("grpc._server", logging.CRITICAL):
             self.client.flush(self.options.collection)
             self.client.create_index(self.options.collection, index)
             self.client.load_collection(self.options.collection)
@@ -337,19 +333,6 @@ def _rpc_reason(error: Exception) -> str:
     if callable(code) and callable(details):
         return f"{code().name}: {details()}"
     return str(error).splitlines()[0]
-
-
-@contextmanager
-def _quiet_milvus_lite_index_build() -> Iterator[None]:
-    """milvus-lite's in-process gRPC server logs an ERROR traceback for a timestamp call it
-    does not implement while building an index, which then succeeds: not worth a traceback."""
-    logger = logging.getLogger("grpc._server")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _pymilvus() -> Any:

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from bliss.errors import InvalidInputError
+from bliss.logger_levels import logger_level
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def start_local_cluster(ray: Any, **init_options: Any) -> LocalCluster:
     )
     cluster = LocalCluster(directory, marker, watchdog)
     try:
-        with _cluster_environment(marker), _quiet(_RAY_TOKEN_NOTICE_LOGGER):
+        with _cluster_environment(marker), logger_level(_RAY_TOKEN_NOTICE_LOGGER, logging.ERROR):
             ray.init(_temp_dir=str(directory / "ray"), **init_options)
     except BaseException:
         cluster.stop(ray)
@@ -236,17 +237,6 @@ def _cluster_environment(marker: str) -> Iterator[None]:
             del os.environ[MARKER_VARIABLE]
         else:
             os.environ[MARKER_VARIABLE] = saved_marker
-
-
-@contextlib.contextmanager
-def _quiet(name: str) -> Iterator[None]:
-    target = logging.getLogger(name)
-    level = target.level
-    target.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        target.setLevel(level)
 
 
 def _interrupt_on_sigterm(number: int, frame: Any) -> None:
